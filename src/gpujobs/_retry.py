@@ -1,0 +1,122 @@
+"""The one retry policy, built on tenacity, and its one classification function.
+
+A request is retried only when :func:`should_retry` says so:
+
+* never for errors marked non-retryable (authentication, invalid input, a failed job);
+* always for a 429 and for errors raised before the request left this process (the connection
+  could not be opened): the provider cannot have acted on it;
+* for any other retryable error (5xx, a dropped connection, a read timeout) only when the
+  request is idempotent. ``POST /run`` is not: a timeout after sending may have queued the job,
+  and sending it again could run it twice.
+
+Every retry is bounded in attempts *and* time, jittered, honours ``Retry-After``, and never
+sleeps past the caller's deadline.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import anyio
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_any,
+    stop_before_delay,
+)
+
+from gpujobs._errors import GpuJobsError, ProviderError, RateLimitedError
+from gpujobs._polling import Deadline
+
+__all__ = ["RetryPolicy", "call_with_retries", "should_retry"]
+
+_log = logging.getLogger("gpujobs")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How hard to try one request again.
+
+    ``attempts`` counts the first try. Backoff doubles from ``initial_backoff_s`` up to
+    ``max_backoff_s`` with ±``jitter`` (a fraction); a provider's ``Retry-After`` replaces it
+    when longer. ``max_time_s`` bounds the whole affair, and so does the caller's deadline.
+    """
+
+    attempts: int = 3
+    max_time_s: float = 30.0
+    initial_backoff_s: float = 0.5
+    max_backoff_s: float = 8.0
+    jitter: float = 0.25
+
+    def backoff(self, attempt: int) -> float:
+        """Seconds to wait before retry number ``attempt`` (1-based), before jitter."""
+        return float(min(self.max_backoff_s, self.initial_backoff_s * 2 ** (attempt - 1)))
+
+
+NO_RETRIES = RetryPolicy(attempts=1)
+
+
+def should_retry(exc: BaseException, *, idempotent: bool) -> bool:
+    """Whether ``exc`` is worth another attempt of the same request."""
+    # Job errors (failed, lost, timed out) are about the job, not the request: trying the same
+    # request again cannot help.
+    if not isinstance(exc, ProviderError) or not exc.retryable:
+        return False
+    if isinstance(exc, RateLimitedError) or not exc.request_sent:
+        return True
+    return idempotent
+
+
+async def call_with_retries(
+    request: Callable[[], Awaitable[T]],
+    *,
+    policy: RetryPolicy,
+    idempotent: bool,
+    deadline: Deadline | None = None,
+) -> T:
+    """Await ``request()``, trying again as ``policy`` and :func:`should_retry` allow."""
+    deadline = deadline or Deadline(None)
+
+    def wait(state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        hint = exc.retry_after if isinstance(exc, GpuJobsError) else None
+        base = policy.backoff(state.attempt_number)
+        pause = base + random.uniform(-policy.jitter, policy.jitter) * base  # noqa: S311
+        return max(pause, hint or 0.0)
+
+    def out_of_time(state: RetryCallState) -> bool:
+        # Stop rather than sleep into (or past) the caller's deadline.
+        left = deadline.remaining()
+        return left is not None and (state.upcoming_sleep or 0.0) >= left
+
+    def log_retry(state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        _log.info(
+            "retrying after %s (attempt %d, next in %.2fs)",
+            type(exc).__name__,
+            state.attempt_number,
+            state.upcoming_sleep,
+        )
+
+    bounds = stop_any(stop_after_attempt(policy.attempts), stop_before_delay(policy.max_time_s))
+
+    retrying = AsyncRetrying(
+        stop=lambda state: bounds(state) or out_of_time(state),
+        wait=wait,
+        retry=retry_if_exception(lambda exc: should_retry(exc, idempotent=idempotent)),
+        before_sleep=log_retry,
+        sleep=anyio.sleep,
+        reraise=True,
+    )
+    async def attempt() -> T:
+        # tenacity awaits only what it recognises as a coroutine function, not a lambda.
+        return await request()
+
+    return await retrying(attempt)

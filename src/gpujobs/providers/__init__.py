@@ -1,0 +1,1 @@
+"""One module per provider; each is re-exported from :mod:`gpujobs`."""

@@ -1,0 +1,457 @@
+"""``RunPodServerless``: jobs on a RunPod Serverless endpoint.
+
+What this module relies on (RunPod's "Send API requests" and "Operation reference" pages):
+
+* base ``https://api.runpod.ai/v2/{endpoint_id}``, header ``Authorization: Bearer <key>``;
+* ``POST /run`` → ``{"id", "status": "IN_QUEUE"}``; payload at most 10 MB; results kept 30 min;
+* ``POST /runsync?wait=ms`` (1000-300000, default 90000) answers with the finished job, or with a
+  non-terminal status and the id once the wait is over; payload at most 20 MB; results kept 1 min;
+* ``GET /status/{id}``, ``GET /stream/{id}``, ``POST /cancel/{id}``, ``POST /purge-queue``,
+  ``GET /health``; an unknown or expired job answers 404 on ``/status``;
+* job JSON ``id, status, output?, error?, delayTime (ms, queue + cold start), executionTime (ms),
+  workerId?``; statuses IN_QUEUE, IN_PROGRESS, COMPLETED, FAILED, CANCELLED, TIMED_OUT; a handler
+  exception arrives as ``error``, a JSON string holding ``error_message``;
+* ``policy``: ``executionTimeout`` (ms, 5 s-7 days) and ``ttl`` (ms, 10 s-7 days, queue plus
+  execution).
+
+runpod's own local test server (``handler.py --rp_serve_api``) differs: every route is POST (GET
+answers 405, so :meth:`status` switches to POST on a 405), there is no ``/v2/{id}`` prefix, no
+``/health`` nor ``/cancel``, and a job queued with ``/run`` runs during the first ``/status``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, Final
+
+import anyio
+import httpx
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from gpujobs._errors import (
+    ConfigurationError,
+    InvalidInputError,
+    JobLostError,
+    JobTimeoutError,
+    ProviderError,
+)
+from gpujobs._http import Secret, error_for_response, error_for_transport, parse_json
+from gpujobs._models import Cost, Health, JobHandle, JobState, JobStatus, JobTimings
+from gpujobs._polling import Deadline, PollSchedule
+from gpujobs._retry import RetryPolicy, call_with_retries
+from gpujobs._runner import BaseRunner
+
+__all__ = ["RunPodServerless"]
+
+_API: Final = "https://api.runpod.ai/v2"
+_MB: Final = 1024 * 1024
+_RUN_MAX_BYTES: Final = 10 * _MB
+_RUNSYNC_MAX_BYTES: Final = 20 * _MB
+_RUNSYNC_WAIT_MS: Final = (1_000, 300_000)
+_EXECUTION_TIMEOUT_MS: Final = (5_000, 7 * 24 * 3_600_000)
+_TTL_MS: Final = (10_000, 7 * 24 * 3_600_000)
+#: The provider's RunPod caps concurrent /runsync and /status requests per endpoint at 400.
+_MAX_CONNECTIONS: Final = 400
+
+_STATUSES: Final = {
+    "IN_QUEUE": JobStatus.QUEUED,
+    "IN_PROGRESS": JobStatus.RUNNING,
+    "COMPLETED": JobStatus.COMPLETED,
+    "FAILED": JobStatus.FAILED,
+    "CANCELLED": JobStatus.CANCELLED,
+    "TIMED_OUT": JobStatus.TIMED_OUT,
+}
+
+
+class _Job(BaseModel):
+    """A job as RunPod describes it; unknown fields ignored, optional ones may be missing."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str
+    status: str
+    output: Any = None
+    error: Any = None
+    delayTime: float | None = None  # noqa: N815 - RunPod's field names
+    executionTime: float | None = None  # noqa: N815
+    workerId: str | None = None  # noqa: N815
+
+
+def _clamp_ms(seconds: float, bounds: tuple[int, int]) -> int:
+    low, high = bounds
+    return max(low, min(high, math.ceil(seconds * 1000)))
+
+
+def _worker_error(error: Any) -> Any:
+    """RunPod sends a handler's exception as a JSON string; hand back the parsed record."""
+    if isinstance(error, str) and error.startswith("{"):
+        try:
+            return json.loads(error)
+        except ValueError:
+            return error
+    return error
+
+
+class RunPodServerless(BaseRunner):
+    """Jobs on a RunPod Serverless endpoint (or any server speaking its API).
+
+    Example::
+
+        async with RunPodServerless("endpoint-id", usd_per_s=0.00076) as runner:
+            result = await runner.run({"image": b64, "layers": 4}, timeout=300)
+            print(result.output, result.timings.queue_s, result.cost)
+
+    ``run`` takes the fast path: one ``/runsync`` long-poll that usually brings the result back in
+    a single request, falling back to polling ``/status`` when the job outlives the wait. Past
+    ``max_long_polls`` requests held open at once it submits with ``/run`` and polls instead, so
+    thousands of jobs in flight stay within the provider's limit on open requests.
+
+    Args:
+        endpoint_id: the endpoint to call at RunPod. Give this or ``endpoint_url``.
+        api_key: the API key; read from ``RUNPOD_API_KEY`` when not given.
+        endpoint_url: any server speaking the API (an emulator, runpod's local test server).
+        name: label of this runner (default ``"runpod-serverless"``).
+        usd_per_s: price per second of execution, for :attr:`JobResult.cost`.
+        execution_timeout_s: upper bound on a job's execution, sent as ``executionTimeout``;
+            the caller's deadline lowers it further.
+        low_priority: send ``policy.lowPriority`` (the job never triggers scaling up).
+        webhook: a URL RunPod calls with the result.
+        cold_start_threshold_s: a job first seen on a worker this runner never saw before, and
+            that waited longer than this, is flagged as a cold start.
+        http_client: an ``httpx.AsyncClient`` to use instead of building one.
+        retry: how requests that may be retried are retried.
+        poll: how ``wait`` spaces its looks at ``/status``.
+        request_timeout_s: timeout of a single ordinary request.
+        max_long_polls: ``/runsync`` requests held open at once before ``run`` polls instead.
+        default_timeout_s: the deadline of a ``run``/``wait`` called without one.
+    """
+
+    kind = "runpod-serverless"
+
+    def __init__(
+        self,
+        endpoint_id: str | None = None,
+        *,
+        api_key: str | None = None,
+        endpoint_url: str | None = None,
+        name: str | None = None,
+        usd_per_s: float | None = None,
+        execution_timeout_s: float | None = None,
+        low_priority: bool = False,
+        webhook: str | None = None,
+        cold_start_threshold_s: float = 5.0,
+        http_client: httpx.AsyncClient | None = None,
+        retry: RetryPolicy | None = None,
+        poll: PollSchedule | None = None,
+        request_timeout_s: float = 30.0,
+        max_long_polls: int = 300,
+        default_timeout_s: float = 3600.0,
+    ) -> None:
+        super().__init__(name=name, default_timeout_s=default_timeout_s, poll=poll)
+        if (endpoint_id is None) == (endpoint_url is None):
+            raise ConfigurationError("give either endpoint_id or endpoint_url", provider=self.name)
+        if api_key is None:
+            api_key = os.environ.get("RUNPOD_API_KEY")
+        if endpoint_id is not None and not api_key:
+            raise ConfigurationError(
+                "no API key: pass api_key= or set RUNPOD_API_KEY", provider=self.name
+            )
+        self._base_url = (endpoint_url or f"{_API}/{endpoint_id}").rstrip("/")
+        self._api_key = Secret(api_key or "")
+        self._usd_per_s = usd_per_s
+        self._execution_timeout_s = execution_timeout_s
+        self._low_priority = low_priority
+        self._webhook = webhook
+        self._cold_start_threshold_s = cold_start_threshold_s
+        self._client = http_client
+        self._owns_client = http_client is None
+        self._retry = retry or RetryPolicy()
+        self._request_timeout_s = request_timeout_s
+        self._max_long_polls = max_long_polls
+        self._long_polls = 0
+        self._status_method = "GET"
+        self._seen_workers: set[str] = set()
+
+    def __repr__(self) -> str:
+        return f"RunPodServerless(name={self.name!r}, url={self._base_url!r})"
+
+    # -- HTTP --------------------------------------------------------------------------------
+
+    @property
+    def _http(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._client = httpx.AsyncClient(
+                limits=httpx.Limits(
+                    max_connections=_MAX_CONNECTIONS, max_keepalive_connections=_MAX_CONNECTIONS
+                ),
+                timeout=httpx.Timeout(self._request_timeout_s, pool=None),
+            )
+        return self._client
+
+    async def aclose(self) -> None:
+        """Close the HTTP client this runner built (not one that was handed in)."""
+        if self._owns_client and self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        job_id: str | None = None,
+        content: bytes | None = None,
+        params: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """One request, its errors translated; the JSON body of a 2xx answer."""
+        headers = {"Content-Type": "application/json"} if content is not None else {}
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key.reveal()}"
+        try:
+            response = await self._http.request(
+                method,
+                self._base_url + path,
+                content=content,
+                params=params,
+                headers=headers,
+                timeout=httpx.Timeout(timeout or self._request_timeout_s, pool=None),
+            )
+        except httpx.TransportError as exc:
+            raise error_for_transport(exc, provider=self.name, job_id=job_id) from None
+        if response.is_success:
+            return parse_json(response, provider=self.name, job_id=job_id)
+        error = error_for_response(response, provider=self.name, job_id=job_id)
+        if response.status_code == 404 and job_id is not None:  # noqa: PLR2004
+            raise JobLostError(
+                "RunPod no longer knows the job (expired or never kept)",
+                provider=self.name,
+                job_id=job_id,
+                retryable=True,
+            ) from error
+        raise error
+
+    def _parse_job(self, body: Any, *, job_id: str | None = None) -> _Job:
+        try:
+            return _Job.model_validate(body)
+        except ValidationError:
+            raise ProviderError(
+                "RunPod answered with something that is not a job",
+                provider=self.name,
+                job_id=job_id,
+            ) from None
+
+    # -- jobs ----------------------------------------------------------------------------------
+
+    def _body(self, payload: Mapping[str, Any], deadline: Deadline, max_bytes: int) -> bytes:
+        """The request body, refused here when the provider would refuse it anyway."""
+        policy: dict[str, Any] = {}
+        limits = [s for s in (self._execution_timeout_s, deadline.remaining()) if s is not None]
+        if limits:
+            policy["executionTimeout"] = _clamp_ms(min(limits), _EXECUTION_TIMEOUT_MS)
+        if (left := deadline.remaining()) is not None:
+            # A job still queued when its caller has given up is worth nothing: let it expire.
+            policy["ttl"] = _clamp_ms(left, _TTL_MS)
+        if self._low_priority:
+            policy["lowPriority"] = True
+        request: dict[str, Any] = {"input": dict(payload)}
+        if policy:
+            request["policy"] = policy
+        if self._webhook:
+            request["webhook"] = self._webhook
+        try:
+            body = json.dumps(request, separators=(",", ":"), allow_nan=False).encode()
+        except (TypeError, ValueError) as exc:
+            raise InvalidInputError(
+                f"the payload is not JSON-serialisable: {exc}", provider=self.name
+            ) from None
+        if len(body) > max_bytes:
+            raise InvalidInputError(
+                f"the payload is {len(body) / _MB:.1f} MB; this route takes at most "
+                f"{max_bytes / _MB:.0f} MB (send large inputs by URL or network volume)",
+                provider=self.name,
+            )
+        return body
+
+    def _handle(self, job: _Job) -> JobHandle:
+        return JobHandle(id=job.id, provider=self.name, submitted_at=time.time())
+
+    async def _submit(self, payload: Mapping[str, Any], deadline: Deadline) -> JobHandle:
+        body = self._body(payload, deadline, _RUN_MAX_BYTES)
+        # Not idempotent: only a refused connection or a 429 is retried (see _retry).
+        answer = await call_with_retries(
+            lambda: self._request("POST", "/run", content=body),
+            policy=self._retry,
+            idempotent=False,
+            deadline=deadline,
+        )
+        return self._handle(self._parse_job(answer))
+
+    async def _start(
+        self, payload: Mapping[str, Any], deadline: Deadline
+    ) -> tuple[JobHandle, JobState | None]:
+        if self._long_polls >= self._max_long_polls:
+            return await self._submit(payload, deadline), None
+        body = self._body(payload, deadline, _RUNSYNC_MAX_BYTES)
+        wait_ms = _clamp_ms(deadline.cap(_RUNSYNC_WAIT_MS[1] / 1000), _RUNSYNC_WAIT_MS)
+        self._long_polls += 1
+        try:
+            answer = await call_with_retries(
+                lambda: self._request(
+                    "POST",
+                    "/runsync",
+                    content=body,
+                    params={"wait": wait_ms},
+                    # Read timeout just above the wait, as RunPod answers when it is over.
+                    timeout=wait_ms / 1000 + self._request_timeout_s,
+                ),
+                policy=self._retry,
+                idempotent=False,
+                deadline=deadline,
+            )
+        finally:
+            self._long_polls -= 1
+        job = self._parse_job(answer)
+        return self._handle(job), self._state(job)
+
+    def _state(self, job: _Job) -> JobState:
+        status = _STATUSES.get(job.status, JobStatus.RUNNING)
+        return JobState(
+            id=job.id,
+            provider=self.name,
+            status=status,
+            provider_status=job.status,
+            output=job.output,
+            error=_worker_error(job.error),
+            timings=self._timings(job),
+        )
+
+    def _timings(self, job: _Job) -> JobTimings:
+        queue_s = None if job.delayTime is None else job.delayTime / 1000
+        cold_start = None
+        if job.workerId is not None and queue_s is not None:
+            seen = job.workerId in self._seen_workers
+            cold_start = not seen and queue_s > self._cold_start_threshold_s
+            if job.executionTime is not None:
+                self._seen_workers.add(job.workerId)
+        return JobTimings(
+            queue_s=queue_s,
+            execution_s=None if job.executionTime is None else job.executionTime / 1000,
+            cold_start=cold_start,
+        )
+
+    async def _look(self, handle: JobHandle) -> JobState:
+        path = f"/status/{handle.id}"
+        try:
+            answer = await self._request(self._status_method, path, job_id=handle.id)
+        except ProviderError as exc:
+            if exc.status_code != 405 or self._status_method == "POST":  # noqa: PLR2004
+                raise
+            # runpod's local test server takes only POST.
+            self._status_method = "POST"
+            answer = await self._request("POST", path, job_id=handle.id)
+        return self._state(self._parse_job(answer, job_id=handle.id))
+
+    async def status(self, handle: JobHandle) -> JobState:
+        """One look at ``/status``, retried within the retry policy."""
+        return await call_with_retries(
+            lambda: self._look(handle), policy=self._retry, idempotent=True
+        )
+
+    async def _cancel(self, handle: JobHandle) -> None:
+        try:
+            await call_with_retries(
+                lambda: self._request("POST", f"/cancel/{handle.id}", job_id=handle.id),
+                policy=self._retry,
+                idempotent=True,
+            )
+        except JobLostError:
+            return  # nothing left to cancel
+        except ProviderError as exc:
+            if exc.status_code != 405:  # noqa: PLR2004 - a server without /cancel
+                raise
+
+    def _cost(self, state: JobState) -> Cost | None:
+        if self._usd_per_s is None or state.timings.execution_s is None:
+            return None
+        seconds = state.timings.execution_s
+        return Cost(
+            usd=seconds * self._usd_per_s,
+            billed_s=seconds,
+            usd_per_s=self._usd_per_s,
+            basis="execution",
+        )
+
+    # -- endpoint ------------------------------------------------------------------------------
+
+    async def health(self) -> Health:
+        """``GET /health``: worker and job counters; ``ok=False`` when it cannot be asked."""
+        try:
+            answer = await call_with_retries(
+                lambda: self._request("GET", "/health"), policy=self._retry, idempotent=True
+            )
+        except ProviderError as exc:
+            return Health(provider=self.name, ok=False, detail=str(exc))
+        if not isinstance(answer, Mapping):
+            return Health(provider=self.name, ok=False, detail="malformed /health answer")
+        return Health(
+            provider=self.name,
+            ok=True,
+            workers=_counters(answer.get("workers")),
+            jobs=_counters(answer.get("jobs")),
+        )
+
+    async def purge_queue(self) -> int:
+        """Remove every job still waiting in the endpoint's queue; returns how many."""
+        answer = await call_with_retries(
+            lambda: self._request("POST", "/purge-queue"), policy=self._retry, idempotent=True
+        )
+        removed = answer.get("removed", 0) if isinstance(answer, Mapping) else 0
+        return int(removed) if isinstance(removed, int | float) else 0
+
+    async def stream(
+        self, handle: JobHandle, *, timeout: float | None = None
+    ) -> AsyncIterator[Any]:
+        """Yield a generator handler's chunks (``/stream``) as they come, until the job ends.
+
+        Raises as :meth:`wait` does when the job fails or the deadline passes.
+        """
+        deadline = self._deadline(timeout)
+        intervals = self._poll.intervals()
+        while True:
+            answer = await call_with_retries(
+                lambda: self._request("GET", f"/stream/{handle.id}", job_id=handle.id),
+                policy=self._retry,
+                idempotent=True,
+                deadline=deadline,
+            )
+            if not isinstance(answer, Mapping) or "status" not in answer:
+                raise ProviderError(
+                    "malformed /stream answer", provider=self.name, job_id=handle.id
+                )
+            chunks = answer.get("stream") or []
+            for chunk in chunks:
+                yield chunk.get("output") if isinstance(chunk, Mapping) else chunk
+            status = _STATUSES.get(str(answer["status"]), JobStatus.RUNNING)
+            if status.is_terminal:
+                if status is not JobStatus.COMPLETED:
+                    state = await self._look(handle)
+                    self._result(handle, state)  # raises the matching error
+                return
+            if deadline.expired:
+                await self._cancel_quietly(handle)
+                raise JobTimeoutError(
+                    "the deadline passed before the job ended", provider=self.name, job_id=handle.id
+                )
+            if not chunks:
+                await anyio.sleep(deadline.cap(next(intervals)))
+
+
+def _counters(value: Any) -> dict[str, int]:
+    if not isinstance(value, Mapping):
+        return {}
+    return {str(k): int(v) for k, v in value.items() if isinstance(v, int | float)}
