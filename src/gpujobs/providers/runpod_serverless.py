@@ -346,10 +346,11 @@ class RunPodServerless(BaseRunner):
 
     async def _look(self, handle: JobHandle) -> JobState:
         path = f"/status/{handle.id}"
+        method = self._status_method
         try:
-            answer = await self._request(self._status_method, path, job_id=handle.id)
+            answer = await self._request(method, path, job_id=handle.id)
         except ProviderError as exc:
-            if exc.status_code != 405 or self._status_method == "POST":  # noqa: PLR2004
+            if exc.status_code != 405 or method == "POST":  # noqa: PLR2004
                 raise
             # runpod's local test server takes only POST.
             self._status_method = "POST"
