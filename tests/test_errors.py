@@ -20,6 +20,7 @@ from gpujobs import (
     RunPodServerless,
 )
 from gpujobs._http import Secret, error_for_response, retry_after_s
+from gpujobs._wire import WireResponse
 
 SECRET = "rpa_SUPERSECRETKEY0123456789"
 
@@ -55,9 +56,8 @@ def test_errors_carry_provider_job_and_retryability() -> None:
     ],
 )
 def test_status_codes_map_to_one_exception_each(status: int, expected: type) -> None:
-    request = httpx.Request("POST", "https://api.example/v2/e/run")
-    response = httpx.Response(status, json={"error": "nope"}, request=request)
-    error = error_for_response(response, provider="rp")
+    response = WireResponse(status, {}, b'{"error": "nope"}')
+    error = error_for_response(response, what="POST /run", provider="rp")
     assert type(error) is expected
     assert "nope" in str(error)
 
@@ -83,7 +83,7 @@ async def test_api_key_appears_in_no_repr_log_or_error(caplog: pytest.LogCapture
     with respx.mock(assert_all_called=False) as mock:
         mock.post("https://api.runpod.ai/v2/ep/run").respond(401, json={"error": "bad key"})
         mock.post("https://api.runpod.ai/v2/ep/runsync").respond(500, text="<html>oops</html>")
-        runner = RunPodServerless("ep", api_key=SECRET)
+        runner = RunPodServerless("ep", api_key=SECRET, http_client=httpx.AsyncClient())
         texts = [repr(runner), str(vars(runner))]
         for call in (runner.submit({"x": 1}), runner.run({"x": 1})):
             with pytest.raises(GpuJobsError) as info:

@@ -30,7 +30,13 @@ FAST_RETRY = RetryPolicy(initial_backoff_s=0.001, max_backoff_s=0.01)
 
 
 def runner(**kwargs: object) -> RunPodServerless:
-    options: dict[str, object] = {"api_key": "key", "poll": FAST_POLL, "retry": FAST_RETRY}
+    # respx intercepts httpx: hand the runner an httpx client (the http_client= seam).
+    options: dict[str, object] = {
+        "api_key": "key",
+        "poll": FAST_POLL,
+        "retry": FAST_RETRY,
+        "http_client": httpx.AsyncClient(),
+    }
     options.update(kwargs)
     return RunPodServerless("ep", **options)  # type: ignore[arg-type]
 

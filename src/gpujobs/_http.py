@@ -1,8 +1,6 @@
-"""HTTP plumbing shared by every runner: the client, status → exception, secret redaction.
+"""HTTP plumbing shared by every runner: status → exception, garbage → exception, secrets.
 
-All of a runner's HTTP goes through one ``httpx.AsyncClient`` built lazily (building one costs
-20-50 ms of CPU for its SSL context) and injectable, so tests can hand in a client bound to an
-emulator or a ``respx`` mock.
+The requests themselves go through a :mod:`gpujobs._wire` (the transport seam).
 """
 
 from __future__ import annotations
@@ -11,8 +9,6 @@ import email.utils
 import json
 import time
 from typing import Any, Final
-
-import httpx
 
 from gpujobs._errors import (
     AuthenticationError,
@@ -23,8 +19,17 @@ from gpujobs._errors import (
     ProviderUnavailableError,
     RateLimitedError,
 )
+from gpujobs._wire import WireError, WireResponse
 
-__all__ = ["Secret", "error_for_response", "error_for_transport", "parse_json", "retry_after_s"]
+__all__ = [
+    "Secret",
+    "SecretHeaders",
+    "auth_headers",
+    "error_for_response",
+    "error_for_wire",
+    "parse_json",
+    "retry_after_s",
+]
 
 _REDACTED: Final = "***"
 
@@ -54,6 +59,23 @@ class Secret:
         return bool(self._value)
 
 
+class SecretHeaders(dict[str, str]):
+    """Request headers holding a credential; their repr hides every value."""
+
+    def __repr__(self) -> str:
+        return "{" + ", ".join(f"{name!r}: {_REDACTED!r}" for name in self) + "}"
+
+    __str__ = __repr__
+
+
+def auth_headers(api_key: str | None, **extra: str) -> SecretHeaders:
+    """``Authorization: Bearer <key>`` (when there is a key) plus ``extra``, hidden from reprs."""
+    headers = SecretHeaders(extra)
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    return headers
+
+
 def retry_after_s(value: str | None) -> float | None:
     """``Retry-After`` in seconds, from either of its forms (delta-seconds or an HTTP date)."""
     if not value:
@@ -70,25 +92,28 @@ def retry_after_s(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def _provider_message(response: httpx.Response) -> str:
+def _provider_message(response: WireResponse) -> str:
     """The provider's own words about an error, short, or the status line."""
     try:
-        body = response.json()
+        body = json.loads(response.body)
     except ValueError:
         body = None
     if isinstance(body, dict):
         for key in ("error", "message", "detail"):
             if isinstance(body.get(key), str):
                 return str(body[key])[:500]
-    return f"HTTP {response.status_code} {response.reason_phrase}".strip()
+    return f"HTTP {response.status} {response.reason}".strip()
 
 
 def error_for_response(
-    response: httpx.Response, *, provider: str, job_id: str | None = None
+    response: WireResponse, *, what: str, provider: str, job_id: str | None = None
 ) -> GpuJobsError:
-    """The exception for an HTTP error status. The one place that maps status → exception."""
-    status = response.status_code
-    what = f"{response.request.method} {response.request.url.path}: {_provider_message(response)}"
+    """The exception for an HTTP error status. The one place that maps status → exception.
+
+    ``what`` names the request (method and path, never headers or query).
+    """
+    status = response.status
+    what = f"{what}: {_provider_message(response)}"
     common: dict[str, Any] = {"provider": provider, "job_id": job_id}
     if status in {401, 403}:
         return AuthenticationError(f"the provider refused the credentials ({what})", **common)
@@ -115,39 +140,34 @@ def error_for_response(
     )
 
 
-def error_for_transport(
-    exc: httpx.TransportError, *, provider: str, job_id: str | None = None
-) -> ProviderError:
+def error_for_wire(exc: WireError, *, provider: str, job_id: str | None = None) -> ProviderError:
     """The exception for a request that got no (complete) answer.
 
     A connection that could not be opened means the provider never saw the request
     (``request_sent=False``); anything later (a read timeout, a connection cut mid-response) means
     it may have acted on it.
     """
-    not_sent = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
-    kind = type(exc).__name__
-    if not_sent:
+    if not exc.sent:
         return ProviderUnavailableError(
-            f"could not connect to the provider ({kind})",
+            f"could not connect to the provider ({exc})",
             request_sent=False,
             provider=provider,
             job_id=job_id,
         )
     return ProviderError(
-        f"the request got no complete answer ({kind})", provider=provider, job_id=job_id
+        f"the request got no complete answer ({exc})", provider=provider, job_id=job_id
     )
 
 
-def parse_json(response: httpx.Response, *, provider: str, job_id: str | None = None) -> Any:
+def parse_json(response: WireResponse, *, provider: str, job_id: str | None = None) -> Any:
     """The response's JSON body, or a :class:`ProviderError` naming the garbage."""
     try:
-        return json.loads(response.content)
+        return json.loads(response.body)
     except ValueError:
-        snippet = response.text[:80].replace("\n", " ")
+        snippet = response.body[:80].decode("utf-8", "replace").replace("\n", " ")
         raise ProviderError(
-            f"the provider answered {response.status_code} with a body that is not JSON: "
-            f"{snippet!r}",
-            status_code=response.status_code,
+            f"the provider answered {response.status} with a body that is not JSON: {snippet!r}",
+            status_code=response.status,
             provider=provider,
             job_id=job_id,
         ) from None

@@ -25,6 +25,7 @@ import json
 import math
 import os
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Final
 
@@ -39,11 +40,12 @@ from gpujobs._errors import (
     JobTimeoutError,
     ProviderError,
 )
-from gpujobs._http import Secret, error_for_response, error_for_transport, parse_json
+from gpujobs._http import auth_headers, error_for_response, error_for_wire, parse_json
 from gpujobs._models import Cost, Health, JobHandle, JobState, JobStatus, JobTimings
 from gpujobs._polling import Deadline, PollSchedule
 from gpujobs._retry import RetryPolicy, call_with_retries
 from gpujobs._runner import BaseRunner
+from gpujobs._wire import Http11Wire, HttpxWire, Wire, WireError
 
 __all__ = ["RunPodServerless"]
 
@@ -161,14 +163,17 @@ class RunPodServerless(BaseRunner):
                 "no API key: pass api_key= or set RUNPOD_API_KEY", provider=self.name
             )
         self._base_url = (endpoint_url or f"{_API}/{endpoint_id}").rstrip("/")
-        self._api_key = Secret(api_key or "")
         self._usd_per_s = usd_per_s
         self._execution_timeout_s = execution_timeout_s
         self._low_priority = low_priority
         self._webhook = webhook
         self._cold_start_threshold_s = cold_start_threshold_s
         self._client = http_client
-        self._owns_client = http_client is None
+        # The lean HTTP/1.1 wire knows no proxies: with one configured, go through httpx.
+        self._use_httpx = http_client is not None or bool(urllib.request.getproxies())
+        self._wire_in_use: Wire | None = None
+        self._headers = auth_headers(api_key)
+        self._json_headers = auth_headers(api_key, **{"Content-Type": "application/json"})
         self._retry = retry or RetryPolicy()
         self._request_timeout_s = request_timeout_s
         self._max_long_polls = max_long_polls
@@ -182,21 +187,27 @@ class RunPodServerless(BaseRunner):
     # -- HTTP --------------------------------------------------------------------------------
 
     @property
-    def _http(self) -> httpx.AsyncClient:
-        if self._client is None:
-            self._client = httpx.AsyncClient(
-                limits=httpx.Limits(
-                    max_connections=_MAX_CONNECTIONS, max_keepalive_connections=_MAX_CONNECTIONS
-                ),
-                timeout=httpx.Timeout(self._request_timeout_s, pool=None),
-            )
-        return self._client
+    def _wire(self) -> Wire:
+        if self._wire_in_use is None:
+            if self._client is not None:
+                self._wire_in_use = HttpxWire(self._client, owned=False)
+            elif self._use_httpx:
+                client = httpx.AsyncClient(
+                    limits=httpx.Limits(
+                        max_connections=_MAX_CONNECTIONS,
+                        max_keepalive_connections=_MAX_CONNECTIONS,
+                    )
+                )
+                self._wire_in_use = HttpxWire(client, owned=True)
+            else:
+                self._wire_in_use = Http11Wire(max_connections=_MAX_CONNECTIONS)
+        return self._wire_in_use
 
     async def aclose(self) -> None:
-        """Close the HTTP client this runner built (not one that was handed in)."""
-        if self._owns_client and self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        """Close the connections this runner opened (not an ``http_client`` handed in)."""
+        if self._wire_in_use is not None:
+            await self._wire_in_use.aclose()
+            self._wire_in_use = None
 
     async def _request(
         self,
@@ -205,28 +216,24 @@ class RunPodServerless(BaseRunner):
         *,
         job_id: str | None = None,
         content: bytes | None = None,
-        params: Mapping[str, Any] | None = None,
         timeout: float | None = None,
     ) -> Any:
         """One request, its errors translated; the JSON body of a 2xx answer."""
-        headers = {"Content-Type": "application/json"} if content is not None else {}
-        if self._api_key:
-            headers["Authorization"] = f"Bearer {self._api_key.reveal()}"
         try:
-            response = await self._http.request(
+            response = await self._wire.request(
                 method,
                 self._base_url + path,
-                content=content,
-                params=params,
-                headers=headers,
-                timeout=httpx.Timeout(timeout or self._request_timeout_s, pool=None),
+                headers=self._json_headers if content is not None else self._headers,
+                body=content,
+                timeout=timeout or self._request_timeout_s,
             )
-        except httpx.TransportError as exc:
-            raise error_for_transport(exc, provider=self.name, job_id=job_id) from None
-        if response.is_success:
+        except WireError as exc:
+            raise error_for_wire(exc, provider=self.name, job_id=job_id) from None
+        if 200 <= response.status < 300:  # noqa: PLR2004
             return parse_json(response, provider=self.name, job_id=job_id)
-        error = error_for_response(response, provider=self.name, job_id=job_id)
-        if response.status_code == 404 and job_id is not None:  # noqa: PLR2004
+        what = f"{method} {path.partition('?')[0]}"
+        error = error_for_response(response, what=what, provider=self.name, job_id=job_id)
+        if response.status == 404 and job_id is not None:  # noqa: PLR2004
             raise JobLostError(
                 "RunPod no longer knows the job (expired or never kept)",
                 provider=self.name,
@@ -303,9 +310,8 @@ class RunPodServerless(BaseRunner):
             answer = await call_with_retries(
                 lambda: self._request(
                     "POST",
-                    "/runsync",
+                    f"/runsync?wait={wait_ms}",
                     content=body,
-                    params={"wait": wait_ms},
                     # Read timeout just above the wait, as RunPod answers when it is over.
                     timeout=wait_ms / 1000 + self._request_timeout_s,
                 ),

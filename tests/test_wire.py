@@ -1,0 +1,185 @@
+"""The lean HTTP/1.1 client against a raw socket server that answers exactly as scripted."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import socket
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from gpujobs._wire import Http11Wire, WireError
+
+Answer = Callable[[bytes], bytes | None]  # request bytes -> raw response (None: hang up)
+
+
+class RawServer:
+    def __init__(self, answer: Answer) -> None:
+        self.answer = answer
+        self.connections = 0
+        self.requests: list[bytes] = []
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                request = head + await reader.readexactly(length)
+                self.requests.append(request)
+                response = self.answer(request)
+                if response is None:
+                    break
+                writer.write(response)
+                await writer.drain()
+                if b"connection: close" in response.lower():
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Callable[[Answer], asyncio.Future[tuple[str, RawServer]]]]:
+    servers: list[asyncio.Server] = []
+
+    async def start(answer: Answer) -> tuple[str, RawServer]:
+        raw = RawServer(answer)
+        server = await asyncio.start_server(raw.handle, "127.0.0.1", 0)
+        servers.append(server)
+        port = server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}", raw
+
+    yield start  # type: ignore[misc]
+    for server in servers:
+        server.close()
+        await server.wait_closed()
+
+
+def ok(body: bytes, *headers: str) -> bytes:
+    head = "".join(f"{h}\r\n" for h in headers)
+    return f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\n{head}\r\n".encode() + body
+
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_keep_alive_reuses_one_connection(serve) -> None:
+    url, raw = await serve(lambda _: ok(b'{"a":1}'))
+    wire = Http11Wire()
+    for _ in range(5):
+        response = await wire.request("GET", f"{url}/status/1", headers={}, timeout=5)
+        assert (response.status, response.body) == (200, b'{"a":1}')
+    await wire.aclose()
+    assert raw.connections == 1
+    assert raw.requests[0].startswith(b"GET /status/1 HTTP/1.1\r\nHost: 127.0.0.1:")
+
+
+async def test_request_line_headers_and_body_are_sent_as_given(serve) -> None:
+    url, raw = await serve(lambda _: ok(b"{}"))
+    wire = Http11Wire()
+    await wire.request(
+        "POST",
+        f"{url}/runsync?wait=5000",
+        headers={"Authorization": "Bearer k"},
+        body=b'{"x":1}',
+        timeout=5,
+    )
+    await wire.aclose()
+    request = raw.requests[0]
+    assert request.startswith(b"POST /runsync?wait=5000 HTTP/1.1\r\n")
+    assert b"\r\nAuthorization: Bearer k\r\n" in request
+    assert b"\r\nContent-Length: 7\r\n" in request
+    assert request.endswith(b'\r\n\r\n{"x":1}')
+
+
+async def test_chunked_gzip_and_interim_responses(serve) -> None:
+    payload = b'{"output": "' + b"x" * 5000 + b'"}'
+    packed = gzip.compress(payload)
+    chunks = b"".join(
+        f"{len(packed[i : i + 999]):x}\r\n".encode() + packed[i : i + 999] + b"\r\n"
+        for i in range(0, len(packed), 999)
+    )
+    response = (
+        b"HTTP/1.1 100 Continue\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Encoding: gzip\r\n\r\n"
+        + chunks
+        + b"0\r\n\r\n"
+    )
+    url, _ = await serve(lambda _: response)
+    wire = Http11Wire()
+    got = await wire.request("GET", f"{url}/x", headers={}, timeout=5)
+    await wire.aclose()
+    assert got.body == payload
+    assert got.headers["content-encoding"] == "gzip"
+
+
+async def test_body_delimited_by_close(serve) -> None:
+    url, raw = await serve(lambda _: b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nthe end")
+    wire = Http11Wire()
+    for _ in range(2):
+        got = await wire.request("GET", f"{url}/x", headers={}, timeout=5)
+        assert got.body == b"the end"
+    await wire.aclose()
+    assert raw.connections == 2  # a closed connection is not reused
+
+
+async def test_a_hang_up_before_the_answer_may_have_been_processed(serve) -> None:
+    url, _ = await serve(lambda _: None)
+    wire = Http11Wire()
+    with pytest.raises(WireError) as info:
+        await wire.request("POST", f"{url}/run", headers={}, body=b"{}", timeout=5)
+    assert info.value.sent is True
+
+
+async def test_a_cut_response_is_an_error(serve) -> None:
+    url, _ = await serve(
+        lambda _: b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nConnection: close\r\n\r\npartial"
+    )
+    wire = Http11Wire()
+    with pytest.raises(WireError, match="closed before a complete response"):
+        await wire.request("GET", f"{url}/x", headers={}, timeout=5)
+
+
+async def test_garbage_is_an_error_not_a_hang(serve) -> None:
+    url, _ = await serve(lambda _: b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
+    wire = Http11Wire()
+    with pytest.raises(WireError, match="not an HTTP response"):
+        await wire.request("GET", f"{url}/x", headers={}, timeout=5)
+
+
+async def test_a_slow_answer_times_out(serve) -> None:
+    url, _ = await serve(lambda _: b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
+    wire = Http11Wire()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(WireError, match="timed out") as info:
+        await wire.request("GET", f"{url}/x", headers={}, timeout=0.2)
+    assert info.value.sent is True
+    assert loop.time() - started < 1
+
+
+async def test_a_refused_connection_was_never_sent() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    wire = Http11Wire()
+    with pytest.raises(WireError) as info:
+        await wire.request("GET", f"http://127.0.0.1:{port}/x", headers={}, timeout=5)
+    assert info.value.sent is False
+
+
+async def test_connections_are_capped(serve) -> None:
+    url, raw = await serve(lambda _: ok(b"{}"))
+    wire = Http11Wire(max_connections=3)
+    await asyncio.gather(
+        *(wire.request("GET", f"{url}/x", headers={}, timeout=5) for _ in range(20))
+    )
+    await wire.aclose()
+    assert raw.connections <= 3
+    assert len(raw.requests) == 20
