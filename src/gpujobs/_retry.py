@@ -115,6 +115,7 @@ async def call_with_retries(
         sleep=anyio.sleep,
         reraise=True,
     )
+
     async def attempt() -> T:
         # tenacity awaits only what it recognises as a coroutine function, not a lambda.
         return await request()

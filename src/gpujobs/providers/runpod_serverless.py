@@ -284,11 +284,12 @@ class RunPodServerless(BaseRunner):
             )
         return body
 
-    def _handle(self, job: _Job) -> JobHandle:
-        return JobHandle(id=job.id, provider=self.name, submitted_at=time.time())
+    def _handle(self, job: _Job, submitted_at: float) -> JobHandle:
+        return JobHandle(id=job.id, provider=self.name, submitted_at=submitted_at)
 
     async def _submit(self, payload: Mapping[str, Any], deadline: Deadline) -> JobHandle:
         body = self._body(payload, deadline, _RUN_MAX_BYTES)
+        submitted_at = time.time()
         # Not idempotent: only a refused connection or a 429 is retried (see _retry).
         answer = await call_with_retries(
             lambda: self._request("POST", "/run", content=body),
@@ -296,7 +297,7 @@ class RunPodServerless(BaseRunner):
             idempotent=False,
             deadline=deadline,
         )
-        return self._handle(self._parse_job(answer))
+        return self._handle(self._parse_job(answer), submitted_at)
 
     async def _start(
         self, payload: Mapping[str, Any], deadline: Deadline
@@ -305,6 +306,7 @@ class RunPodServerless(BaseRunner):
             return await self._submit(payload, deadline), None
         body = self._body(payload, deadline, _RUNSYNC_MAX_BYTES)
         wait_ms = _clamp_ms(deadline.cap(_RUNSYNC_WAIT_MS[1] / 1000), _RUNSYNC_WAIT_MS)
+        submitted_at = time.time()
         self._long_polls += 1
         try:
             answer = await call_with_retries(
@@ -322,7 +324,7 @@ class RunPodServerless(BaseRunner):
         finally:
             self._long_polls -= 1
         job = self._parse_job(answer)
-        return self._handle(job), self._state(job)
+        return self._handle(job, submitted_at), self._state(job)
 
     def _state(self, job: _Job) -> JobState:
         status = _STATUSES.get(job.status, JobStatus.RUNNING)

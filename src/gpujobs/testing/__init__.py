@@ -1,0 +1,37 @@
+"""Test doubles for gpujobs: provider emulators served on loopback, and scripted handlers.
+
+The RunPod Serverless emulator speaks RunPod's HTTP API over real sockets, with cold starts,
+rate limits and fault injection, so clients are tested (and benchmarked) as they run in
+production. Serving it needs the ``testing`` extra (uvicorn)::
+
+    from gpujobs.testing import RunPodEmulator, serve
+
+    emulator = RunPodEmulator(workers=2, cold_start_s=0.05)
+    async with serve(emulator) as server:
+        emulator.inject("run", "server_error")
+        ...  # point a client at server.url
+
+From a shell: ``python -m gpujobs.testing.runpod_emulator --port 8000``.
+"""
+
+from gpujobs.testing._emulator_server import (
+    EmulatorServer,
+    EmulatorStats,
+    Faults,
+    serve,
+    serve_in_thread,
+)
+from gpujobs.testing._runpod_emulator import DEFAULT_RATE_LIMITS, RunPodEmulator
+from gpujobs.testing.handlers import scripted_handler, scripted_stream_handler
+
+__all__ = [
+    "DEFAULT_RATE_LIMITS",
+    "EmulatorServer",
+    "EmulatorStats",
+    "Faults",
+    "RunPodEmulator",
+    "scripted_handler",
+    "scripted_stream_handler",
+    "serve",
+    "serve_in_thread",
+]
