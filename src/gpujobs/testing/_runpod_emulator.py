@@ -695,7 +695,7 @@ class RunPodEmulator:
             {"id": job.id, "input": job.input},
             progress=functools.partial(self._progress, job),
             # /stream swaps job.chunks for a fresh list: look it up at each chunk.
-            on_chunk=lambda chunk: job.chunks.append(chunk),
+            on_chunk=lambda chunk: job.chunks.append(chunk),  # noqa: PLW0108 - late-bound
             executor=self._threads,
             worker_id=worker_id,
             hostname="runpod-emulator",
