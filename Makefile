@@ -33,7 +33,7 @@ pytest: install
 	$(BIN)/python -m pytest
 
 docs: install
-	$(BIN)/mkdocs build --strict --quiet
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 test: lint typecheck pytest docs
 
