@@ -82,8 +82,23 @@ async def call_with_retries(
     deadline: Deadline | None = None,
 ) -> T:
     """Await ``request()``, trying again as ``policy`` and :func:`should_retry` allow."""
-    deadline = deadline or Deadline(None)
+    # Most requests succeed the first time: only a failure pays for building the retry machinery.
+    try:
+        return await request()
+    except GpuJobsError as exc:
+        if policy.attempts <= 1 or not should_retry(exc, idempotent=idempotent):
+            raise
+        first_error = exc
+    return await _retry(request, first_error, policy, idempotent, deadline or Deadline(None))
 
+
+async def _retry(
+    request: Callable[[], Awaitable[T]],
+    first_error: GpuJobsError,
+    policy: RetryPolicy,
+    idempotent: bool,
+    deadline: Deadline,
+) -> T:
     def wait(state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
         hint = exc.retry_after if isinstance(exc, GpuJobsError) else None
@@ -106,7 +121,6 @@ async def call_with_retries(
         )
 
     bounds = stop_any(stop_after_attempt(policy.attempts), stop_before_delay(policy.max_time_s))
-
     retrying = AsyncRetrying(
         stop=lambda state: bounds(state) or out_of_time(state),
         wait=wait,
@@ -115,9 +129,15 @@ async def call_with_retries(
         sleep=anyio.sleep,
         reraise=True,
     )
+    replayed = False
 
     async def attempt() -> T:
-        # tenacity awaits only what it recognises as a coroutine function, not a lambda.
+        # The first attempt already failed: replay its error so tenacity counts and waits for it.
+        # (A coroutine function: tenacity awaits only what it recognises as one, not a lambda.)
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            raise first_error
         return await request()
 
     return await retrying(attempt)

@@ -25,7 +25,6 @@ import json
 import math
 import os
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Final
 
@@ -170,7 +169,7 @@ class RunPodServerless(BaseRunner):
         self._cold_start_threshold_s = cold_start_threshold_s
         self._client = http_client
         # The lean HTTP/1.1 wire knows no proxies: with one configured, go through httpx.
-        self._use_httpx = http_client is not None or bool(urllib.request.getproxies())
+        self._use_httpx = http_client is not None or _proxy_configured()
         self._wire_in_use: Wire | None = None
         self._headers = auth_headers(api_key)
         self._json_headers = auth_headers(api_key, **{"Content-Type": "application/json"})
@@ -458,6 +457,12 @@ class RunPodServerless(BaseRunner):
                 )
             if not chunks:
                 await anyio.sleep(deadline.cap(next(intervals)))
+
+
+def _proxy_configured() -> bool:
+    """Whether the environment names a proxy (what ``urllib.request.getproxies`` reads)."""
+    names = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY")
+    return any(os.environ.get(name) or os.environ.get(name.lower()) for name in names)
 
 
 def _counters(value: Any) -> dict[str, int]:
