@@ -183,3 +183,33 @@ async def test_connections_are_capped(serve) -> None:
     await wire.aclose()
     assert raw.connections <= 3
     assert len(raw.requests) == 20
+
+
+async def test_host_names_are_resolved_once_and_every_address_is_tried(
+    serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, raw = await serve(lambda _: ok(b"{}"))
+    port = int(url.rsplit(":", 1)[1])
+    lookups = []
+    loop = asyncio.get_running_loop()
+
+    async def fake_getaddrinfo(host: str, port: int, **kwargs: object) -> list[tuple]:
+        lookups.append(host)
+        # The first address refuses (nothing listens on ::1 here); the second answers.
+        return [
+            (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", port, 0, 0)),
+            (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port)),
+        ]
+
+    monkeypatch.setattr(loop, "getaddrinfo", fake_getaddrinfo)
+    wire = Http11Wire(max_connections=10)
+    await asyncio.gather(
+        *(
+            wire.request("GET", f"http://api.example:{port}/x", headers={}, timeout=5)
+            for _ in range(5)
+        )
+    )
+    await wire.aclose()
+    assert lookups == ["api.example"]
+    assert raw.connections == 5
+    assert b"\r\nHost: api.example:" in raw.requests[0]

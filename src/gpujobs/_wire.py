@@ -19,12 +19,14 @@ request can have reached the server (``sent``).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import socket
 import ssl
 import time
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 from urllib.parse import urlsplit
 
 import httpx
@@ -35,6 +37,7 @@ __all__ = ["Http11Wire", "HttpxWire", "Wire", "WireError", "WireResponse"]
 #: after 5 s), and a request written into a connection the server is closing gets no answer.
 _KEEPALIVE_EXPIRY_S: Final = 4.0
 _MAX_HEADER_BYTES: Final = 64 * 1024
+_DNS_TTL_S: Final = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,6 +296,7 @@ class Http11Wire:
         self._idle: dict[tuple[str, int, bool], list[_Connection]] = {}
         self._origins: dict[str, tuple[_Origin, str]] = {}
         self._ssl: ssl.SSLContext | None = None
+        self._addresses: dict[str, tuple[float, asyncio.Future[list[Any]]]] = {}
 
     def _split(self, url: str) -> tuple[_Origin, str]:
         # URLs repeat (same endpoint, different job ids): cache by the part before the path.
@@ -357,19 +361,49 @@ class Http11Wire:
                 self._ssl = ssl.create_default_context()
             context = self._ssl
         try:
-            _, connection = await asyncio.wait_for(
-                loop.create_connection(
-                    _Connection,
-                    origin.host,
-                    origin.port,
-                    ssl=context,
-                    server_hostname=origin.host if context else None,
-                ),
-                timeout=min(timeout, self._connect_timeout_s),
-            )
+            async with asyncio.timeout(min(timeout, self._connect_timeout_s)):
+                addresses = await self._resolve(origin)
+                for n, address in enumerate(addresses):  # in the resolver's order, as asyncio
+                    try:
+                        _, connection = await loop.create_connection(
+                            _Connection,
+                            address,
+                            origin.port,
+                            ssl=context,
+                            server_hostname=origin.host if context else None,
+                        )
+                    except OSError:
+                        if n == len(addresses) - 1:
+                            raise
+                    else:
+                        return connection
         except (OSError, TimeoutError) as exc:
             raise WireError(f"could not connect: {type(exc).__name__}", sent=False) from None
-        return connection
+        raise WireError("the host name resolved to no address", sent=False)
+
+    async def _resolve(self, origin: _Origin) -> list[str]:
+        """The host's addresses, looked up at most once per ``_DNS_TTL_S`` (lookups share).
+
+        asyncio resolves a host name in a worker thread for every new connection; a burst of new
+        connections to one API would make as many lookups.
+        """
+        if _is_ip_literal(origin.host):
+            return [origin.host]
+        now = time.monotonic()
+        known = self._addresses.get(origin.host)
+        if known is None or known[0] < now:
+            lookup = asyncio.ensure_future(
+                asyncio.get_running_loop().getaddrinfo(
+                    origin.host, origin.port, type=socket.SOCK_STREAM
+                )
+            )
+            known = self._addresses[origin.host] = (now + _DNS_TTL_S, lookup)
+        try:
+            infos = await asyncio.shield(known[1])
+        except OSError:
+            self._addresses.pop(origin.host, None)  # don't cache a failure
+            raise
+        return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
     def _release(self, origin: _Origin, connection: _Connection) -> None:
         if connection.closed:
@@ -385,6 +419,14 @@ class Http11Wire:
                 if connection.transport is not None:
                     connection.transport.close()
         self._idle.clear()
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _expire(waiter: asyncio.Future[WireResponse]) -> None:
