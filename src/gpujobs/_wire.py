@@ -129,7 +129,7 @@ class HttpxWire:
 class _Origin:
     """Where connections go, and the bytes every request to it starts with."""
 
-    __slots__ = ("host", "host_header", "port", "tls")
+    __slots__ = ("host", "host_header", "is_ip", "port", "tls")
 
     def __init__(self, scheme: str, host: str, port: int | None) -> None:
         self.tls = scheme == "https"
@@ -137,6 +137,7 @@ class _Origin:
         default = 443 if self.tls else 80
         self.port = port or default
         self.host_header = host if self.port == default else f"{host}:{self.port}"
+        self.is_ip = _is_ip_literal(host)
 
 
 class _Connection(asyncio.Protocol):
@@ -389,7 +390,7 @@ class Http11Wire:
         asyncio resolves a host name in a worker thread for every new connection; a burst of new
         connections to one API would make as many lookups.
         """
-        if _is_ip_literal(origin.host):
+        if origin.is_ip:
             return [origin.host]
         now = time.monotonic()
         known = self._addresses.get(origin.host)
