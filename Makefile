@@ -4,8 +4,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# Everything the tests need (the runpod SDK for its local test server, the emulators, docs).
-EXTRAS := dev,docs
+# Everything the tests need: the runpod SDK (its local test server), the emulators, the docs, and
+# the worker (CPU torch, pinned; its tests run a tiny random-weight model).
+EXTRAS := dev,docs,worker
 
 .PHONY: demo test lint typecheck pytest docs bench clean
 
@@ -25,6 +26,7 @@ demo: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/hadolint images/qwen-layered/Dockerfile
 
 typecheck: install
 	$(BIN)/mypy

@@ -562,7 +562,11 @@ class Bench:
             "efficient": SDPBackend.EFFICIENT_ATTENTION,
             "math": SDPBackend.MATH,
         }[variant.attention]
-        with sdpa_kernel([backend]):
+        # The chosen kernel first; the VAE's attention (head dim 384, beyond flash and cuDNN) falls
+        # back to the next one that takes it, so the choice applies to the transformer.
+        fallbacks = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+        order = [backend, *(b for b in fallbacks if b != backend)]
+        with sdpa_kernel(order, set_priority=True):
             yield
 
     def compiled_blocks(self, mode: str) -> list[Callable[..., Any]]:
