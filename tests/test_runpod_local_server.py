@@ -8,63 +8,24 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from gpujobs import JobFailedError, JobStatus, PollSchedule, RunPodServerless
+from gpujobs.testing import runpod_local_server
 
 WORKER = Path(__file__).parent / "peers" / "runpod_worker.py"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
 def local_server() -> Iterator[str]:
     pytest.importorskip("runpod")
-    port = free_port()
     env = {**os.environ, "RUNPOD_LOG_LEVEL": "ERROR", "UVICORN_LOG_LEVEL": "warning"}
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            str(WORKER),
-            "--rp_serve_api",
-            "--rp_api_port",
-            str(port),
-            "--rp_api_host",
-            "127.0.0.1",
-            "--rp_log_level",
-            "ERROR",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:  # bounded: ready when it accepts connections
-            assert process.poll() is None, process.stderr.read() if process.stderr else ""
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "runpod's local server did not start"
-                time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-        if process.stderr:
-            process.stderr.close()
+    with runpod_local_server([sys.executable, str(WORKER)], env=env) as url:
+        yield url
 
 
 def runner(url: str) -> RunPodServerless:

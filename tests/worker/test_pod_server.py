@@ -7,6 +7,7 @@ random-weight model end to end (select or skip them with ``-k tiny``).
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import socket
@@ -16,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import pytest
 
@@ -24,10 +25,10 @@ pytest.importorskip("fastapi", reason="needs the worker extra")
 pytest.importorskip("PIL", reason="needs the worker extra")
 
 import httpx
-import uvicorn
 from PIL import Image
 
 import gpujobs
+from gpujobs.testing import serve_app_in_thread
 from gpujobs.worker.fake import FakePipeline, layer_size
 from gpujobs.worker.pipeline import WeightsMissingError, load_pipeline
 from gpujobs.worker.pod import PodSettings, create_app
@@ -54,33 +55,6 @@ def job(**fields: Any) -> dict[str, Any]:
     return {"image": IMAGE, "num_inference_steps": 2, "seed": 7, **fields}
 
 
-class Served:
-    """An ASGI app served by uvicorn on a free loopback port, in a thread."""
-
-    def __init__(self, app: Any) -> None:
-        self._socket = socket.socket()
-        self._socket.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
-        self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-        self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [self._socket]}, daemon=True
-        )
-
-    def __enter__(self) -> Self:
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            assert self._thread.is_alive(), "uvicorn stopped while starting"
-            assert time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.005)
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self._server.should_exit = True
-        self._thread.join(timeout=15)
-        self._socket.close()
-
-
 def wait_for(predicate: Callable[[], Any], within_s: float = 10.0) -> Any:
     deadline = time.monotonic() + within_s
     while True:
@@ -94,25 +68,22 @@ def wait_for(predicate: Callable[[], Any], within_s: float = 10.0) -> Any:
 @pytest.fixture
 def serve() -> Iterator[Callable[..., httpx.Client]]:
     """``serve(factory, **settings)`` → a client for a pod server whose model is loaded."""
-    stack: list[tuple[Served, httpx.Client]] = []
+    with contextlib.ExitStack() as stack:
 
-    def start(
-        factory: Callable[[], PipelineLike], *, wait_ready: bool = True, **settings: Any
-    ) -> httpx.Client:
-        served = Served(create_app(factory, PodSettings(**settings))).__enter__()
-        headers = (
-            {"Authorization": f"Bearer {settings['api_token']}"} if "api_token" in settings else {}
-        )
-        client = httpx.Client(base_url=served.url, headers=headers, timeout=30)
-        stack.append((served, client))
-        if wait_ready:
-            wait_for(lambda: client.get("/health").json()["status"] == "ready")
-        return client
+        def start(
+            factory: Callable[[], PipelineLike], *, wait_ready: bool = True, **settings: Any
+        ) -> httpx.Client:
+            url = stack.enter_context(
+                serve_app_in_thread(create_app(factory, PodSettings(**settings)))
+            )
+            token = settings.get("api_token")
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            client = stack.enter_context(httpx.Client(base_url=url, headers=headers, timeout=30))
+            if wait_ready:
+                wait_for(lambda: client.get("/health").json()["status"] == "ready")
+            return client
 
-    yield start
-    for served, client in reversed(stack):
-        client.close()
-        served.__exit__()
+        yield start
 
 
 def poll(client: httpx.Client, job_id: str, *states: str) -> dict[str, Any]:

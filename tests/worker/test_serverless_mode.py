@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import os
-import socket
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import pytest
 
@@ -27,11 +25,11 @@ pytest.importorskip("runpod", reason="needs the runpod extra")
 pytest.importorskip("PIL", reason="needs the worker extra")
 
 import httpx
-import uvicorn
 from PIL import Image
 
 import gpujobs
 from gpujobs import JobFailedError, JobStatus, PollSchedule, RunPodServerless
+from gpujobs.testing import runpod_local_server, serve_app_in_thread
 from gpujobs.worker.fake import FakePipeline
 from gpujobs.worker.pipeline import WeightsMissingError
 from gpujobs.worker.pod import create_app
@@ -188,12 +186,6 @@ async def test_a_failing_progress_sender_does_not_fail_the_job(
 # -- runpod's local test server ---------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def worker_env(**extra: str) -> dict[str, str]:
     src = str(Path(gpujobs.__file__).resolve().parents[1])
     env = {k: v for k, v in os.environ.items() if not k.startswith("RUNPOD_WEBHOOK")}
@@ -208,46 +200,15 @@ def worker_env(**extra: str) -> dict[str, str]:
     }
 
 
-def start_local_server(env: dict[str, str], within_s: float = 90) -> Iterator[str]:
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gpujobs.worker",
-            "--rp_serve_api",
-            "--rp_api_port",
-            str(port),
-            "--rp_api_host",
-            "127.0.0.1",
-            "--rp_log_level",
-            "ERROR",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        deadline = time.monotonic() + within_s
-        while True:  # the model loads first: the port opens once it is ready
-            assert process.poll() is None, process.stderr.read() if process.stderr else ""
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "the worker did not start"
-                time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(timeout=15)
-        if process.stderr:
-            process.stderr.close()
+def start_local_server(env: dict[str, str]) -> contextlib.AbstractContextManager[str]:
+    # The model loads before the worker listens: allow for it.
+    return runpod_local_server([sys.executable, "-m", "gpujobs.worker"], env=env, within_s=90)
 
 
 @pytest.fixture(scope="module")
 def fake_worker() -> Iterator[str]:
-    yield from start_local_server(worker_env(GPUJOBS_WORKER_FAKE="1"))
+    with start_local_server(worker_env(GPUJOBS_WORKER_FAKE="1")) as url:
+        yield url
 
 
 def runner(url: str) -> RunPodServerless:
@@ -299,50 +260,23 @@ async def test_bad_input_is_a_failed_job_with_a_readable_error(
 # -- the same answer from both modes ----------------------------------------------------------
 
 
-class Served:
-    """An ASGI app served by uvicorn on a free loopback port, in a thread."""
-
-    def __init__(self, app: Any) -> None:
-        self._socket = socket.socket()
-        self._socket.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
-        self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-        self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [self._socket]}, daemon=True
-        )
-
-    def __enter__(self) -> Self:
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            assert time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.005)
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self._server.should_exit = True
-        self._thread.join(timeout=15)
-        self._socket.close()
-
-
 def test_tiny_model_pod_and_serverless_answer_the_same_layers(
     tiny_model_dir: Path, tiny_pipeline: Any
 ) -> None:
     same = request(layers=2, prompt=PROMPT, seed=1234)
-    with Served(create_app(lambda: tiny_pipeline)) as pod, httpx.Client(timeout=120) as client:
+    with (
+        serve_app_in_thread(create_app(lambda: tiny_pipeline)) as pod,
+        httpx.Client(timeout=120) as client,
+    ):
         deadline = time.monotonic() + 30
-        while client.get(f"{pod.url}/health").json()["status"] != "ready":
+        while client.get(f"{pod}/health").json()["status"] != "ready":
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        from_pod = client.post(f"{pod.url}/inference", json=same).json()
+        from_pod = client.post(f"{pod}/inference", json=same).json()
 
-    servers = start_local_server(worker_env(MODEL_PATH=str(tiny_model_dir), WORKER_DEVICE="cpu"))
-    url = next(servers)
-    try:
-        result = asyncio.run(_run_once(url, same))
-    finally:
-        servers.close()
-    from_serverless = result.output
+    env = worker_env(MODEL_PATH=str(tiny_model_dir), WORKER_DEVICE="cpu")
+    with start_local_server(env) as url:
+        from_serverless = asyncio.run(_run_once(url, same)).output
 
     assert len(from_pod["layers"]) == 2
     assert from_serverless["layers"] == from_pod["layers"]  # byte-identical PNGs

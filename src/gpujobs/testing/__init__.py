@@ -21,6 +21,7 @@ from gpujobs.testing._emulator_server import (
     serve,
     serve_in_thread,
 )
+from gpujobs.testing._local_servers import free_port, runpod_local_server, serve_app_in_thread
 from gpujobs.testing._runpod_emulator import DEFAULT_RATE_LIMITS, RunPodEmulator
 from gpujobs.testing.handlers import scripted_handler, scripted_stream_handler
 
@@ -30,8 +31,11 @@ __all__ = [
     "EmulatorStats",
     "Faults",
     "RunPodEmulator",
+    "free_port",
+    "runpod_local_server",
     "scripted_handler",
     "scripted_stream_handler",
     "serve",
+    "serve_app_in_thread",
     "serve_in_thread",
 ]
