@@ -75,6 +75,16 @@ class Cost(_Frozen):
     usd_per_s: float | None = Field(default=None, ge=0)
     basis: str
 
+    @classmethod
+    def of_execution(cls, seconds: float, usd_per_s: float) -> Cost:
+        """``usd_per_s`` × ``seconds`` of execution (``basis="free"`` at a zero price)."""
+        return cls(
+            usd=seconds * usd_per_s,
+            billed_s=seconds,
+            usd_per_s=usd_per_s,
+            basis="execution" if usd_per_s else "free",
+        )
+
 
 class JobState(_Frozen):
     """One look at a job (:meth:`JobRunner.status`): no waiting involved.

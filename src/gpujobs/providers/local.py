@@ -191,15 +191,7 @@ class LocalRunner(BaseRunner):
             job.task.cancel()
 
     def _cost(self, state: JobState) -> Cost:
-        seconds = state.timings.execution_s or 0.0
-        if not self._usd_per_s:
-            return Cost(usd=0.0, billed_s=seconds, usd_per_s=0.0, basis="free")
-        return Cost(
-            usd=seconds * self._usd_per_s,
-            billed_s=seconds,
-            usd_per_s=self._usd_per_s,
-            basis="execution",
-        )
+        return Cost.of_execution(state.timings.execution_s or 0.0, self._usd_per_s)
 
     async def health(self) -> Health:
         """Jobs and worker slots, in RunPod's vocabulary."""

@@ -386,13 +386,7 @@ class RunPodServerless(BaseRunner):
     def _cost(self, state: JobState) -> Cost | None:
         if self._usd_per_s is None or state.timings.execution_s is None:
             return None
-        seconds = state.timings.execution_s
-        return Cost(
-            usd=seconds * self._usd_per_s,
-            billed_s=seconds,
-            usd_per_s=self._usd_per_s,
-            basis="execution",
-        )
+        return Cost.of_execution(state.timings.execution_s, self._usd_per_s)
 
     # -- endpoint ------------------------------------------------------------------------------
 
