@@ -77,7 +77,12 @@ async def main() -> None:
     async with (
         serve(emulator) as server,
         RunPodServerless(
-            endpoint_url=server.url, api_key="demo-key", usd_per_s=USD_PER_S
+            endpoint_url=server.url,
+            api_key="demo-key",
+            usd_per_s=USD_PER_S,
+            # RunPod does not say which jobs met a cold worker: a long first wait on a worker
+            # this runner has not seen before is the evidence (see docs/providers).
+            cold_start_threshold_s=COLD_START_S / 2,
         ) as runner,
     ):
         outcomes = await fan_out(runner, jobs)

@@ -37,3 +37,6 @@ def test_demo_prints_a_table_for_both_runners() -> None:
     assert "LocalRunner" in out
     assert out.count("18/20 completed") == 2
     assert "CUDA out of memory (simulated)" in out
+    # Four workers start cold: the first jobs on them are flagged.
+    emulated = out.split("LocalRunner")[0]
+    assert emulated.count(" yes ") == 4
