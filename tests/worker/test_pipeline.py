@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -276,6 +277,99 @@ def test_an_exception_from_on_step_aborts_the_job(tiny_pipeline: LayeredPipeline
         small_job(tiny_pipeline, on_step=cancel)
     # The pipeline is free for the next job.
     assert len(small_job(tiny_pipeline, seed=2).layers) == 2
+
+
+# --- optimization: real-valued RoPE and compiled blocks ------------------------------------
+
+
+@pytest.fixture
+def eager_compile(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[dict[str, Any]]]:
+    """``torch.compile`` with the ``eager`` backend: Dynamo traces (graph breaks and recompiles
+    show), but no code is generated, so it takes ~2 s on CPU instead of ~12 s with Inductor.
+
+    Yields the keyword arguments of every ``torch.compile`` call.
+    """
+    import torch  # noqa: PLC0415  # after the module's importorskip
+
+    calls: list[dict[str, Any]] = []
+    real_compile = torch.compile
+
+    def compile_eagerly(model: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs)
+        return real_compile(model, **{**kwargs, "backend": "eager"})
+
+    monkeypatch.setattr(torch, "compile", compile_eagerly)
+    yield calls
+    torch._dynamo.reset()  # forget the traced blocks: other tests must not depend on them
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [("float32", 1e-6), ("bfloat16", 1e-2)])
+def test_real_valued_rope_rotates_like_the_complex_one(dtype: str, tolerance: float) -> None:
+    import torch  # noqa: PLC0415
+    from diffusers.models.transformers import transformer_qwenimage  # noqa: PLC0415
+
+    from gpujobs.worker import _speedups  # noqa: PLC0415
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 37, 3, 16, generator=generator).to(getattr(torch, dtype))  # [B, S, H, D]
+    angles = torch.rand(37, 8, generator=generator) * 100  # [S, D/2], beyond a few turns
+    freqs = torch.polar(torch.ones_like(angles), angles)
+
+    expected = transformer_qwenimage.apply_rotary_emb_qwen(x, freqs, use_real=False)
+    actual = _speedups.apply_rope_real(x, torch.view_as_real(freqs))
+
+    assert actual.dtype == x.dtype
+    assert actual.shape == x.shape
+    torch.testing.assert_close(actual, expected, rtol=tolerance, atol=tolerance)
+
+
+def test_nothing_is_optimized_or_compiled_on_cpu_by_default(
+    tiny_model_dir: Path, eager_compile: list[dict[str, Any]]
+) -> None:
+    pipe = load_pipeline(tiny_model_dir, device="cpu")
+    generation = small_job(pipe, seed=3)
+
+    assert not pipe.info.optimized
+    assert eager_compile == []
+    assert generation.compile_s is None
+    assert not load_pipeline(tiny_model_dir, device="cpu", optimize=False).info.optimized
+
+
+def test_an_optimized_pipeline_compiles_once_and_gives_the_same_layers(
+    tiny_model_dir: Path, tiny_pipeline: LayeredPipeline, eager_compile: list[dict[str, Any]]
+) -> None:
+    stock_before = pixels(small_job(tiny_pipeline, seed=4))
+
+    optimized = load_pipeline(tiny_model_dir, device="cpu", optimize=True)
+    warm = optimized.warm_up(layers=1)
+    # Another prompt length, aspect ratio and layer count than the warm-up's.
+    job = small_job(optimized, seed=4)
+
+    assert optimized.info.optimized
+    assert len(eager_compile) == 2  # the tiny transformer's two blocks
+    assert {(c["fullgraph"], c["dynamic"]) for c in eager_compile} == {(True, True)}
+    assert warm.compile_s is not None
+    assert warm.compile_s > 0
+    assert optimized.info.compile_s == warm.compile_s
+    assert job.compile_s == 0.0  # dynamic shapes: the warm-up's compilation serves every job
+    # Same arithmetic in another order: fp32 rounding, at most one level of a pixel.
+    for a, b in zip(pixels(job), stock_before, strict=True):
+        assert np.abs(a.astype(np.int16) - b.astype(np.int16)).max() <= 1
+    # The RoPE replacement is process-wide, but a pipeline that was not optimized is untouched.
+    stock_after = pixels(small_job(tiny_pipeline, seed=4))
+    assert all(np.array_equal(a, b) for a, b in zip(stock_after, stock_before, strict=True))
+
+
+def test_warm_up_runs_a_small_job_and_records_no_compilation_when_not_optimized(
+    tiny_pipeline: LayeredPipeline,
+) -> None:
+    generation = tiny_pipeline.warm_up(layers=2)
+
+    assert len(generation.layers) == 2
+    assert (generation.width, generation.height) == (640, 640)
+    assert generation.steps == 2
+    assert generation.compile_s is None
+    assert tiny_pipeline.info.compile_s is None
 
 
 # --- the tiny model and fetch_weights ------------------------------------------------------

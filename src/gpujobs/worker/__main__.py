@@ -83,12 +83,19 @@ def pipeline_factory(environ: Mapping[str, str]) -> Callable[[], PipelineLike]:
         return FakePipeline
     model_path = environ.get("MODEL_PATH") or DEFAULT_MODEL_PATH
     device = environ.get("WORKER_DEVICE") or None
+    # WORKER_COMPILE=0/1 forces the GPU speed-ups off/on; unset: on for CUDA only.
+    optimize = {"0": False, "1": True}.get(environ.get("WORKER_COMPILE", "").strip())
 
     def load() -> PipelineLike:
         from gpujobs.worker.pipeline import load_pipeline  # noqa: PLC0415
 
         logger.info("loading %s", model_path)
-        return load_pipeline(model_path, device=device)
+        pipeline = load_pipeline(model_path, device=device, optimize=optimize)
+        # Pay the compilation at start-up, not in a user's first job.
+        if pipeline.info.optimized:
+            pipeline.warm_up()
+        logger.info("ready (compile %.1f s)", pipeline.info.compile_s or 0.0)
+        return pipeline
 
     return load
 
