@@ -132,3 +132,15 @@ async def test_purge_and_health() -> None:
             await runner.status(queued[0])
         await runner.cancel(busy)
         assert (await runner.status(busy)).status is JobStatus.CANCELLED
+
+
+@pytest.mark.parametrize("anyio_backend", [("asyncio", {"use_uvloop": True})])
+async def test_runs_on_uvloop() -> None:
+    # Backends served by uvicorn often run on uvloop, whose transports are not
+    # asyncio.Transport subclasses: the lean HTTP client must not care.
+    emulator = RunPodEmulator(scripted_handler, workers=2)
+    async with serve(emulator) as server, runner_for(server.url) as runner:
+        results = await asyncio.gather(*(runner.run({"output": n}, timeout=10) for n in range(4)))
+        handle = await runner.submit({"output": "later", "sleep_s": 0.05})
+        assert (await runner.wait(handle, timeout=10)).output == "later"
+    assert [r.output for r in results] == [0, 1, 2, 3]
