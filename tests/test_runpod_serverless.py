@@ -217,13 +217,25 @@ def result_handle(job_id: str) -> JobHandle:
 @pytest.mark.anyio
 async def test_timeout_cancels_the_remote_job() -> None:
     with respx.mock:
-        respx.post(f"{BASE}/runsync").respond(json=job("IN_QUEUE"))
+        # Less time than RunPod's shortest held wait: /run, so the id is known at once.
+        respx.post(f"{BASE}/run").respond(json=job("IN_QUEUE"))
         respx.get(f"{BASE}/status/job-1").respond(json=job("IN_QUEUE"))
         cancel = respx.post(f"{BASE}/cancel/job-1").respond(json=job("CANCELLED"))
         async with runner() as r:
             with pytest.raises(JobTimeoutError):
                 await r.run({"x": 1}, timeout=0.2)
     assert cancel.call_count == 1
+
+
+@pytest.mark.anyio
+async def test_the_held_request_ends_before_the_deadline() -> None:
+    with respx.mock:
+        runsync = respx.post(f"{BASE}/runsync").respond(json=job("COMPLETED", output=1))
+        async with runner() as r:
+            await r.run({"x": 1}, timeout=5)
+    # Answered (with the id, if the job still runs) half a second before the deadline.
+    wait_ms = int(runsync.calls.last.request.url.params["wait"])
+    assert 4_000 < wait_ms <= 4_500
 
 
 @pytest.mark.anyio

@@ -8,6 +8,7 @@ into a :class:`JobResult` or the matching exception. A provider implements five 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from abc import ABC, abstractmethod
@@ -254,9 +255,26 @@ class BaseRunner(ABC):
         if idempotency_key is not None and idempotency_key in self._by_idempotency_key:
             handle, state = self._by_idempotency_key[idempotency_key], None
         else:
-            handle, state = await self._start(payload, deadline)
+            handle, state = await self._start_within(payload, deadline)
             handle = self._remember(handle, idempotency_key)
         return await self._finish(handle, deadline, state, cancel_on_timeout=True)
+
+    async def _start_within(
+        self, payload: Mapping[str, Any], deadline: Deadline
+    ) -> tuple[JobHandle, JobState | None]:
+        """:meth:`_start`, cut off at the deadline however long the provider holds the request.
+
+        A fast path (one held request) has no job id to cancel until it answers; the deadline
+        was carried into the provider's own limits, which stop the job there.
+        """
+        if deadline.at is None:
+            return await self._start(payload, deadline)
+        try:
+            async with asyncio.timeout_at(deadline.at):
+                return await self._start(payload, deadline)
+        except TimeoutError:
+            msg = "the deadline passed before the provider answered"
+            raise JobTimeoutError(msg, provider=self.name) from None
 
     async def _finish(
         self,

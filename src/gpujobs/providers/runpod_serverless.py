@@ -53,6 +53,8 @@ _MB: Final = 1024 * 1024
 _RUN_MAX_BYTES: Final = 10 * _MB
 _RUNSYNC_MAX_BYTES: Final = 20 * _MB
 _RUNSYNC_WAIT_MS: Final = (1_000, 300_000)
+#: A held /runsync answers this long before the caller's deadline at the latest.
+_RUNSYNC_MARGIN_S: Final = 0.5
 _EXECUTION_TIMEOUT_MS: Final = (5_000, 7 * 24 * 3_600_000)
 _TTL_MS: Final = (10_000, 7 * 24 * 3_600_000)
 #: The provider's RunPod caps concurrent /runsync and /status requests per endpoint at 400.
@@ -301,10 +303,14 @@ class RunPodServerless(BaseRunner):
     async def _start(
         self, payload: Mapping[str, Any], deadline: Deadline
     ) -> tuple[JobHandle, JobState | None]:
-        if self._long_polls >= self._max_long_polls:
+        # The held request must end before the deadline, so that a job still running then
+        # comes back with its id (to cancel it): too little time left for the shortest wait
+        # RunPod takes, and the job goes through /run instead.
+        wait_s = deadline.cap(_RUNSYNC_WAIT_MS[1] / 1000 + _RUNSYNC_MARGIN_S) - _RUNSYNC_MARGIN_S
+        if self._long_polls >= self._max_long_polls or wait_s < _RUNSYNC_WAIT_MS[0] / 1000:
             return await self._submit(payload, deadline), None
         body = self._body(payload, deadline, _RUNSYNC_MAX_BYTES)
-        wait_ms = _clamp_ms(deadline.cap(_RUNSYNC_WAIT_MS[1] / 1000), _RUNSYNC_WAIT_MS)
+        wait_ms = _clamp_ms(wait_s, _RUNSYNC_WAIT_MS)
         submitted_at = time.time()
         self._long_polls += 1
         try:
