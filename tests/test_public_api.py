@@ -35,6 +35,7 @@ EXPECTED = {
     "ProviderUnavailableError",
     "RateLimitedError",
     "RetryPolicy",
+    "Router",
     "RunPodServerless",
     "SyncRunner",
     "__version__",

@@ -35,6 +35,7 @@ from gpujobs._runner import BaseRunner, JobRunner
 from gpujobs._sync import SyncRunner
 from gpujobs.providers.local import LocalRunner
 from gpujobs.providers.runpod_serverless import RunPodServerless
+from gpujobs.routing import Router
 
 __version__ = "0.1.0.dev0"
 
@@ -65,6 +66,7 @@ __all__ = [
     "ProviderUnavailableError",
     "RateLimitedError",
     "RetryPolicy",
+    "Router",
     "RunPodServerless",
     "SyncRunner",
     "__version__",
