@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import anyio
+import httpx
 import pytest
 
 from gpujobs import (
@@ -144,3 +146,29 @@ async def test_runs_on_uvloop() -> None:
         handle = await runner.submit({"output": "later", "sleep_s": 0.05})
         assert (await runner.wait(handle, timeout=10)).output == "later"
     assert [r.output for r in results] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("through_httpx", [False, True], ids=["lean-wire", "httpx"])
+async def test_a_caller_abandoning_a_held_request_still_cancels_the_job(
+    through_httpx: bool,
+) -> None:
+    # /runsync names the job only when it answers: the runner lets the held request end (at
+    # runsync_wait_s) and cancels the job then, instead of leaving it to run until its ttl.
+    emulator = RunPodEmulator(scripted_handler, workers=1)
+    client = httpx.AsyncClient() if through_httpx else None
+    async with (
+        serve(emulator) as server,
+        runner_for(server.url, runsync_wait_s=1.0, http_client=client) as runner,
+    ):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(runner.run, {"sleep_s": 30})
+            with anyio.fail_after(5):
+                while emulator.stats.jobs_submitted == 0:  # noqa: ASYNC110 - remote state
+                    await anyio.sleep(0.01)
+            tg.cancel_scope.cancel()
+        with anyio.fail_after(5):
+            while emulator.stats.jobs_cancelled == 0:  # noqa: ASYNC110 - remote state
+                await anyio.sleep(0.01)
+    assert emulator.stats.requests["cancel"] == 1
+    if client is not None:
+        await client.aclose()

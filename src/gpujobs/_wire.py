@@ -26,8 +26,9 @@ import socket
 import ssl
 import time
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Final, Protocol, cast
 from urllib.parse import urlsplit
 
@@ -75,8 +76,14 @@ class Wire(Protocol):
         headers: Mapping[str, str],
         body: bytes | None = None,
         timeout: float,
+        on_abandoned: Callable[[asyncio.Future[WireResponse]], None] | None = None,
     ) -> WireResponse:
-        """Send one request and return the whole response; raise :class:`WireError`."""
+        """Send one request and return the whole response; raise :class:`WireError`.
+
+        If the caller is cancelled while the request is out and ``on_abandoned`` is given, the
+        request is left to finish (within ``timeout``) and ``on_abandoned`` gets the future of
+        its response (a held request's answer may name a job that now needs cancelling).
+        """
         ...
 
     async def aclose(self) -> None:
@@ -99,8 +106,27 @@ class HttpxWire:
         headers: Mapping[str, str],
         body: bytes | None = None,
         timeout: float,
+        on_abandoned: Callable[[asyncio.Future[WireResponse]], None] | None = None,
     ) -> WireResponse:
         """Send one request through httpx."""
+        exchange = self._exchange(method, url, headers, body, timeout)
+        if on_abandoned is None:
+            return await exchange
+        task = asyncio.ensure_future(exchange)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            on_abandoned(task)
+            raise
+
+    async def _exchange(
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str],
+        body: bytes | None,
+        timeout: float,
+    ) -> WireResponse:
         try:
             response = await self._client.request(
                 method,
@@ -322,6 +348,7 @@ class Http11Wire:
         headers: Mapping[str, str],
         body: bytes | None = None,
         timeout: float,
+        on_abandoned: Callable[[asyncio.Future[WireResponse]], None] | None = None,
     ) -> WireResponse:
         """Send one request on a pooled connection and return the whole response."""
         origin, target = self._split(url)
@@ -339,13 +366,21 @@ class Http11Wire:
             left = max(0.0, timeout - (loop.time() - started))
             timer = loop.call_later(left, _expire, waiter)
             try:
-                response = await waiter
+                response = await (waiter if on_abandoned is None else asyncio.shield(waiter))
+            except asyncio.CancelledError:
+                if on_abandoned is None or waiter.done():
+                    timer.cancel()
+                    connection.abort()
+                else:  # let the exchange end (within its timeout) and hand over the answer
+                    waiter.add_done_callback(partial(_end_abandoned, connection, timer))
+                    on_abandoned(waiter)
+                raise
             except BaseException:
-                # Cancelled or failed mid-exchange: the connection's state is unknown.
+                # Failed mid-exchange: the connection's state is unknown.
+                timer.cancel()
                 connection.abort()
                 raise
-            finally:
-                timer.cancel()
+            timer.cancel()
             self._release(origin, connection)
             return response
 
@@ -462,6 +497,13 @@ def _is_ip_literal(host: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _end_abandoned(
+    connection: _Connection, timer: asyncio.TimerHandle, _: asyncio.Future[WireResponse]
+) -> None:
+    timer.cancel()
+    connection.abort()  # not back to the pool: nobody waits on this exchange any more
 
 
 def _expire(waiter: asyncio.Future[WireResponse]) -> None:

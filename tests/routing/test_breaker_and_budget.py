@@ -104,3 +104,21 @@ def test_the_budget_allows_a_share_of_attempts_plus_a_floor() -> None:
     assert budget.refused == 75
     clock.now += 10.1  # the window moved on: attempts and retries forgotten
     assert sum(budget.try_spend() for _ in range(10)) == 5
+
+
+def test_fast_failures_after_a_burst_do_not_trip_a_healthy_runner() -> None:
+    # 200 jobs go out; the 26 that fail answer at once, before any success comes back.
+    breaker = CircuitBreaker(BreakerConfig(consecutive_failures=5, min_calls=20), Clock())
+    for pending in range(199, 173, -1):
+        breaker.record(success=False, pending=pending)
+    assert state_of(breaker) is BreakerState.CLOSED
+    # An outage: everything fails fast. The breaker opens once failures outweigh the jobs
+    # still out, well before the last of them failed.
+    opened_with_pending = None
+    for pending in range(173, -1, -1):
+        breaker.record(success=False, pending=pending)
+        if state_of(breaker) is BreakerState.OPEN:
+            opened_with_pending = pending
+            break
+    assert opened_with_pending is not None
+    assert opened_with_pending >= 50

@@ -21,11 +21,12 @@ answers 405, so :meth:`status` switches to POST on a 405), there is no ``/v2/{id
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, Final
 
 import anyio
@@ -44,7 +45,7 @@ from gpujobs._models import Cost, Health, JobHandle, JobState, JobStatus, JobTim
 from gpujobs._polling import Deadline, PollSchedule
 from gpujobs._retry import RetryPolicy, call_with_retries
 from gpujobs._runner import BaseRunner
-from gpujobs._wire import Http11Wire, HttpxWire, Wire, WireError
+from gpujobs._wire import Http11Wire, HttpxWire, Wire, WireError, WireResponse
 
 __all__ = ["RunPodServerless"]
 
@@ -55,6 +56,8 @@ _RUNSYNC_MAX_BYTES: Final = 20 * _MB
 _RUNSYNC_WAIT_MS: Final = (1_000, 300_000)
 #: A held /runsync answers this long before the caller's deadline at the latest.
 _RUNSYNC_MARGIN_S: Final = 0.5
+#: How long closing waits for cancels of abandoned jobs still going out.
+_CLOSE_GRACE_S: Final = 10.0
 _EXECUTION_TIMEOUT_MS: Final = (5_000, 7 * 24 * 3_600_000)
 _TTL_MS: Final = (10_000, 7 * 24 * 3_600_000)
 #: The provider's RunPod caps concurrent /runsync and /status requests per endpoint at 400.
@@ -130,6 +133,9 @@ class RunPodServerless(BaseRunner):
         poll: how ``wait`` spaces its looks at ``/status``.
         request_timeout_s: timeout of a single ordinary request.
         max_long_polls: ``/runsync`` requests held open at once before ``run`` polls instead.
+        runsync_wait_s: how long one held ``/runsync`` waits (RunPod allows 1-300 s) before
+            ``run`` polls on. A caller that gives up on a job before the answer names it leaves
+            the job running until then, when it is cancelled: the wait bounds that waste.
         default_timeout_s: the deadline of a ``run``/``wait`` called without one.
     """
 
@@ -152,6 +158,7 @@ class RunPodServerless(BaseRunner):
         poll: PollSchedule | None = None,
         request_timeout_s: float = 30.0,
         max_long_polls: int = 300,
+        runsync_wait_s: float = 60.0,
         default_timeout_s: float = 3600.0,
     ) -> None:
         super().__init__(name=name, default_timeout_s=default_timeout_s, poll=poll)
@@ -178,6 +185,8 @@ class RunPodServerless(BaseRunner):
         self._retry = retry or RetryPolicy()
         self._request_timeout_s = request_timeout_s
         self._max_long_polls = max_long_polls
+        self._runsync_wait_s = runsync_wait_s
+        self._abandoned: set[asyncio.Task[None]] = set()
         self._long_polls = 0
         self._status_method = "GET"
         self._seen_workers: set[str] = set()
@@ -205,7 +214,14 @@ class RunPodServerless(BaseRunner):
         return self._wire_in_use
 
     async def aclose(self) -> None:
-        """Close the connections this runner opened (not an ``http_client`` handed in)."""
+        """Close the connections this runner opened (not an ``http_client`` handed in).
+
+        Jobs whose callers gave up while their held request was out are cancelled first, once
+        RunPod names them (waiting at most ten seconds; past that they stop at their ``ttl``).
+        """
+        if self._abandoned:
+            with anyio.move_on_after(_CLOSE_GRACE_S, shield=True):
+                await asyncio.gather(*self._abandoned, return_exceptions=True)
         if self._wire_in_use is not None:
             await self._wire_in_use.aclose()
             self._wire_in_use = None
@@ -218,6 +234,7 @@ class RunPodServerless(BaseRunner):
         job_id: str | None = None,
         content: bytes | None = None,
         timeout: float | None = None,
+        on_abandoned: Callable[[asyncio.Future[WireResponse]], None] | None = None,
     ) -> Any:
         """One request, its errors translated; the JSON body of a 2xx answer."""
         try:
@@ -227,6 +244,7 @@ class RunPodServerless(BaseRunner):
                 headers=self._json_headers if content is not None else self._headers,
                 body=content,
                 timeout=timeout or self._request_timeout_s,
+                on_abandoned=on_abandoned,
             )
         except WireError as exc:
             raise error_for_wire(exc, provider=self.name, job_id=job_id) from None
@@ -306,7 +324,7 @@ class RunPodServerless(BaseRunner):
         # The held request must end before the deadline, so that a job still running then
         # comes back with its id (to cancel it): too little time left for the shortest wait
         # RunPod takes, and the job goes through /run instead.
-        wait_s = deadline.cap(_RUNSYNC_WAIT_MS[1] / 1000 + _RUNSYNC_MARGIN_S) - _RUNSYNC_MARGIN_S
+        wait_s = deadline.cap(self._runsync_wait_s + _RUNSYNC_MARGIN_S) - _RUNSYNC_MARGIN_S
         if self._long_polls >= self._max_long_polls or wait_s < _RUNSYNC_WAIT_MS[0] / 1000:
             return await self._submit(payload, deadline), None
         body = self._body(payload, deadline, _RUNSYNC_MAX_BYTES)
@@ -321,6 +339,7 @@ class RunPodServerless(BaseRunner):
                     content=body,
                     # Read timeout just above the wait, as RunPod answers when it is over.
                     timeout=wait_ms / 1000 + self._request_timeout_s,
+                    on_abandoned=self._cancel_abandoned,
                 ),
                 policy=self._retry,
                 idempotent=False,
@@ -330,6 +349,29 @@ class RunPodServerless(BaseRunner):
             self._long_polls -= 1
         job = self._parse_job(answer)
         return self._handle(job, submitted_at), self._state(job)
+
+    def _cancel_abandoned(self, answer: asyncio.Future[WireResponse]) -> None:
+        """A /runsync whose caller gave up: once it answers, cancel the job if it still runs."""
+        task = asyncio.ensure_future(self._cancel_when_answered(answer))
+        self._abandoned.add(task)
+        task.add_done_callback(self._abandoned.discard)
+
+    async def _cancel_when_answered(self, answer: asyncio.Future[WireResponse]) -> None:
+        try:
+            response = await answer
+            job = _Job.model_validate_json(response.body)
+        except (WireError, ValidationError, asyncio.CancelledError):
+            return  # no answer, or no job in it: nothing to cancel
+        if (
+            not 200 <= response.status < 300
+            or _STATUSES.get(  # noqa: PLR2004
+                job.status, JobStatus.RUNNING
+            ).is_terminal
+        ):
+            return
+        await self._cancel_quietly(
+            JobHandle(id=job.id, provider=self.name, submitted_at=time.time())
+        )
 
     def _state(self, job: _Job) -> JobState:
         status = _STATUSES.get(job.status, JobStatus.RUNNING)

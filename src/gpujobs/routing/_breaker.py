@@ -6,6 +6,8 @@ the window and the share of failures reaches ``failure_ratio`` (Resilience4j's m
 goes until ``open_s`` has passed. Half-open: at most ``probes`` jobs are let through, counted
 when they are *admitted*, not when they end, so a burst cannot stampede a runner that is just
 coming back (the bug of Polly #216). All probes succeeding closes it; any failing opens it again.
+Jobs still out at the runner count as not failed yet, so the fast failures that come back first
+after a burst do not trip a healthy runner's breaker.
 
 Only failures that say something about the runner count (connection errors, 5xx, lost jobs): a
 job that failed in the worker or a refused payload is the caller's problem, not the runner's.
@@ -43,9 +45,9 @@ class BreakerConfig:
     """
 
     failure_ratio: float = 0.5
-    window: int = 20
-    min_calls: int = 5
-    consecutive_failures: int = 5
+    window: int = 50
+    min_calls: int = 20
+    consecutive_failures: int = 10
     open_s: float = 30.0
     probes: int = 1
 
@@ -108,8 +110,13 @@ class CircuitBreaker:
         if self._state is BreakerState.HALF_OPEN and self._probes_admitted > self._probes_passed:
             self._probes_admitted -= 1
 
-    def record(self, *, success: bool) -> None:
-        """The outcome of an admitted job."""
+    def record(self, *, success: bool, pending: int = 0) -> None:
+        """The outcome of an admitted job; ``pending``: jobs still out at the runner.
+
+        Failures come back faster than successes (an error answers at once, a job takes its
+        time), so right after a burst the first outcomes are mostly failures even on a healthy
+        runner. Jobs still pending count as not failed (yet) in both rules.
+        """
         if self._state is BreakerState.HALF_OPEN:
             if not success:
                 self._open()
@@ -122,10 +129,14 @@ class CircuitBreaker:
             return  # a job admitted before the breaker opened: its news is stale
         self._outcomes.append(success)
         self._in_a_row = 0 if success else self._in_a_row + 1
+        ratio = self.config.failure_ratio
         failures = self._outcomes.count(False)
-        if self._in_a_row >= self.config.consecutive_failures or (
+        if (
+            self._in_a_row >= self.config.consecutive_failures
+            and self._in_a_row >= ratio * (self._in_a_row + pending)
+        ) or (
             len(self._outcomes) >= self.config.min_calls
-            and failures >= self.config.failure_ratio * len(self._outcomes)
+            and failures >= ratio * (len(self._outcomes) + pending)
         ):
             self._open()
 

@@ -71,6 +71,7 @@ class _Job:
     lanes: list[_Lane]
     deadline: Deadline
     submitted_at: float
+    caller_deadline: bool  # the caller gave a timeout (else the router's default bounds it)
     tried: set[int] = field(default_factory=set)
     attempt_started: float = 0.0  # clock time the latest attempt went out
     handle: JobHandle | None = None  # the job at its current runner (submit/wait only)

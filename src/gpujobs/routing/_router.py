@@ -209,7 +209,7 @@ class Router:
         if job.result is not None:
             return job.result
         if timeout is not None:
-            job.deadline = Deadline.after(timeout)
+            job.deadline, job.caller_deadline = Deadline.after(timeout), True
         return await self._drive(job, cancel_on_timeout=cancel_on_timeout)
 
     async def cancel(self, handle: JobHandle) -> None:
@@ -298,6 +298,7 @@ class Router:
             lanes=lanes,
             deadline=Deadline.after(self._default_timeout_s if timeout is None else timeout),
             submitted_at=time.time(),
+            caller_deadline=timeout is not None,
         )
         self._remember(job.id, job)
         if idempotency_key is not None:
@@ -351,7 +352,9 @@ class Router:
             if i not in job.tried and lane.has_room() and lane.breaker.state.value != "open"
         ]
         ordered = self._policy.order(
-            candidates, now=self._clock(), deadline_left_s=job.deadline.remaining()
+            candidates,
+            now=self._clock(),
+            deadline_left_s=job.deadline.remaining() if job.caller_deadline else None,
         )
         for candidate, reason in ordered:
             lane = job.lanes[candidate.index]
@@ -393,16 +396,16 @@ class Router:
             self.extra_submissions += 1  # the runner may have queued it before failing
         self._emit(EventKind.FAILED_OVER, job, lane, error=exc)
 
-    def _judge(self, lane: _Lane, exc: BaseException) -> None:
+    def _judge(self, lane: _Lane, exc: BaseException, pending: int = 0) -> None:
         """Tell the lane's breaker what an attempt's error says about the runner."""
         if isinstance(exc, CapacityError | RateLimitedError):
             lane.breaker.release()  # busy or throttled: healthy, just full
         elif isinstance(exc, ProviderError | JobLostError | AuthenticationError):
-            lane.breaker.record(success=False)
+            lane.breaker.record(success=False, pending=pending)
         elif isinstance(exc, JobTimeoutError) or not isinstance(exc, GpuJobsError):
             lane.breaker.release()  # out of time or cancelled: nothing learned
         else:
-            lane.breaker.record(success=True)  # the runner worked; the job did not
+            lane.breaker.record(success=True, pending=pending)  # the runner worked; the job not
 
     # -- driving one job -----------------------------------------------------------------------
 
@@ -450,12 +453,16 @@ class Router:
         self._emit(EventKind.STARTED, job, lane, reason=reason)
         if job.attempts == 1:
             self._budget.record_attempt()
-        return asyncio.ensure_future(self._attempt(job, lane, cancel_on_timeout))
-
-    async def _attempt(self, job: _Job, lane: _Lane, cancel_on_timeout: bool) -> JobResult:
+        # Counted at the runner now, not when the task first runs: the next job's choice (in
+        # the same gather) must see this one.
         key = next(self._attempt_keys)
-        started = self._clock()
-        lane.stats.started[key] = started
+        lane.stats.started[key] = job.attempt_started
+        return asyncio.ensure_future(self._attempt(job, lane, key, cancel_on_timeout))
+
+    async def _attempt(
+        self, job: _Job, lane: _Lane, key: int, cancel_on_timeout: bool
+    ) -> JobResult:
+        started = job.attempt_started
         timeout = job.deadline.remaining()
         try:
             if job.handle is not None and job.lane is lane:
@@ -471,12 +478,12 @@ class Router:
                 job.lane, job.handle = lane, None
                 result = await lane.runner.run(job.payload, timeout=timeout)
         except BaseException as exc:
-            self._judge(lane, exc)
+            self._judge(lane, exc, pending=lane.stats.in_flight - 1)
             raise
         finally:
             lane.stats.started.pop(key, None)
             self._room_freed()
-        lane.breaker.record(success=True)
+        lane.breaker.record(success=True, pending=lane.stats.in_flight)
         lane.stats.observe(result, self._clock() - started)
         self._emit(
             EventKind.COMPLETED, job, lane, cost=result.cost, elapsed_s=self._clock() - started
