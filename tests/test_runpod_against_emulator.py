@@ -12,6 +12,7 @@ from gpujobs import (
     JobFailedError,
     JobLostError,
     JobStatus,
+    JobTimeoutError,
     PollSchedule,
     ProviderError,
     RateLimitedError,
@@ -172,3 +173,16 @@ async def test_a_caller_abandoning_a_held_request_still_cancels_the_job(
     assert emulator.stats.requests["cancel"] == 1
     if client is not None:
         await client.aclose()
+
+
+@pytest.mark.parametrize(("route", "timeout"), [("run", 0.5), ("runsync", 2.0)])
+async def test_a_server_that_hangs_cannot_hold_the_caller_past_the_deadline(
+    route: str, timeout: float
+) -> None:
+    emulator = RunPodEmulator(scripted_handler, workers=1)
+    async with serve(emulator) as server, runner_for(server.url) as runner:
+        emulator.inject(route, "slow_response", delay_s=30)
+        started = anyio.current_time()
+        with pytest.raises(JobTimeoutError):
+            await runner.run({"output": 1}, timeout=timeout)
+        assert anyio.current_time() - started < timeout + 0.2

@@ -113,6 +113,9 @@ class BaseRunner(ABC):
     """
 
     kind: str = "runner"
+    #: A runner whose ``_start`` already ends by the deadline (raising ``JobTimeoutError``)
+    #: spares the extra timer ``run`` would otherwise put around it.
+    _start_honours_deadline: bool = False
 
     def __init__(
         self,
@@ -267,7 +270,7 @@ class BaseRunner(ABC):
         A fast path (one held request) has no job id to cancel until it answers; the deadline
         was carried into the provider's own limits, which stop the job there.
         """
-        if deadline.at is None:
+        if deadline.at is None or self._start_honours_deadline:
             return await self._start(payload, deadline)
         try:
             async with asyncio.timeout_at(deadline.at):

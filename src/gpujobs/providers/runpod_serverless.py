@@ -140,6 +140,7 @@ class RunPodServerless(BaseRunner):
     """
 
     kind = "runpod-serverless"
+    _start_honours_deadline = True
 
     def __init__(
         self,
@@ -243,7 +244,7 @@ class RunPodServerless(BaseRunner):
                 self._base_url + path,
                 headers=self._json_headers if content is not None else self._headers,
                 body=content,
-                timeout=timeout or self._request_timeout_s,
+                timeout=self._request_timeout_s if timeout is None else timeout,
                 on_abandoned=on_abandoned,
             )
         except WireError as exc:
@@ -310,12 +311,20 @@ class RunPodServerless(BaseRunner):
         body = self._body(payload, deadline, _RUN_MAX_BYTES)
         submitted_at = time.time()
         # Not idempotent: only a refused connection or a 429 is retried (see _retry).
-        answer = await call_with_retries(
-            lambda: self._request("POST", "/run", content=body),
-            policy=self._retry,
-            idempotent=False,
-            deadline=deadline,
-        )
+        try:
+            answer = await call_with_retries(
+                lambda: self._request(
+                    "POST", "/run", content=body, timeout=deadline.cap(self._request_timeout_s)
+                ),
+                policy=self._retry,
+                idempotent=False,
+                deadline=deadline,
+            )
+        except ProviderError as exc:
+            if deadline.expired:
+                msg = "the deadline passed before RunPod took the job"
+                raise JobTimeoutError(msg, provider=self.name) from exc
+            raise
         return self._handle(self._parse_job(answer), submitted_at)
 
     async def _start(
@@ -337,14 +346,20 @@ class RunPodServerless(BaseRunner):
                     "POST",
                     f"/runsync?wait={wait_ms}",
                     content=body,
-                    # Read timeout just above the wait, as RunPod answers when it is over.
-                    timeout=wait_ms / 1000 + self._request_timeout_s,
+                    # RunPod answers when the wait is over, before the deadline; the read
+                    # timeout stops at the deadline whatever the server does.
+                    timeout=deadline.cap(wait_ms / 1000 + self._request_timeout_s),
                     on_abandoned=self._cancel_abandoned,
                 ),
                 policy=self._retry,
                 idempotent=False,
                 deadline=deadline,
             )
+        except ProviderError as exc:
+            if deadline.expired:
+                msg = "the deadline passed before RunPod answered"
+                raise JobTimeoutError(msg, provider=self.name) from exc
+            raise
         finally:
             self._long_polls -= 1
         job = self._parse_job(answer)
@@ -362,12 +377,8 @@ class RunPodServerless(BaseRunner):
             job = _Job.model_validate_json(response.body)
         except (WireError, ValidationError, asyncio.CancelledError):
             return  # no answer, or no job in it: nothing to cancel
-        if (
-            not 200 <= response.status < 300
-            or _STATUSES.get(  # noqa: PLR2004
-                job.status, JobStatus.RUNNING
-            ).is_terminal
-        ):
+        taken = 200 <= response.status < 300  # noqa: PLR2004 - a 2xx: RunPod took the job
+        if not taken or _STATUSES.get(job.status, JobStatus.RUNNING).is_terminal:
             return
         await self._cancel_quietly(
             JobHandle(id=job.id, provider=self.name, submitted_at=time.time())
