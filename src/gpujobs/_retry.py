@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -74,6 +75,13 @@ def should_retry(exc: BaseException, *, idempotent: bool) -> bool:
     return idempotent
 
 
+#: Who wants to hear of retries made in this context (a router, to emit ``retried`` events):
+#: called with the error, the number of the attempt that failed, and the pause before the next.
+retry_observer: ContextVar[Callable[[GpuJobsError, int, float], None] | None] = ContextVar(
+    "gpujobs_retry_observer", default=None
+)
+
+
 async def call_with_retries(
     request: Callable[[], Awaitable[T]],
     *,
@@ -119,6 +127,8 @@ async def _retry(
             state.attempt_number,
             state.upcoming_sleep,
         )
+        if (observer := retry_observer.get()) is not None and isinstance(exc, GpuJobsError):
+            observer(exc, state.attempt_number, state.upcoming_sleep or 0.0)
 
     bounds = stop_any(stop_after_attempt(policy.attempts), stop_before_delay(policy.max_time_s))
     retrying = AsyncRetrying(

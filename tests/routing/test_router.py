@@ -103,6 +103,18 @@ async def test_retries_do_not_stack_between_router_and_runner(emulators: Emulato
     assert second.stats.requests["runsync"] == 3
 
 
+async def test_the_runners_own_retries_are_reported(emulators: Emulators) -> None:
+    events: list[RouterEvent] = []
+    async with emulators("a") as [(first, a)]:
+        first.inject("runsync", "rate_limit", times=2, retry_after_s=0.01)
+        result = await Router([a], hooks=[events.append]).run({"output": 1}, timeout=10)
+    assert result.output == 1
+    retried = [e for e in events if e.kind is EventKind.RETRIED]
+    assert [e.error_type for e in retried] == ["RateLimitedError", "RateLimitedError"]
+    assert retried[0].reason is not None
+    assert retried[0].reason.startswith("a retries request 2 in")
+
+
 async def test_the_overall_deadline_holds_across_three_failing_runners(
     emulators: Emulators,
 ) -> None:

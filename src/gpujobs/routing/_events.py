@@ -24,6 +24,7 @@ class EventKind(StrEnum):
 
     SUBMITTED = "submitted"  # the router accepted the job
     STARTED = "started"  # an attempt was sent to a runner (``reason`` says why that one)
+    RETRIED = "retried"  # the runner retries a request within the attempt (its own policy)
     OVERFLOWED = "overflowed"  # the primary was passed over for another runner
     FAILED_OVER = "failed_over"  # an attempt failed and the job moves to another runner
     HEDGED = "hedged"  # a copy was started on another runner while the first still runs

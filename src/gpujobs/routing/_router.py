@@ -20,6 +20,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from functools import partial
 from types import TracebackType
 from typing import Any, Self
 
@@ -38,6 +39,7 @@ from gpujobs._errors import (
 )
 from gpujobs._models import Health, JobHandle, JobResult, JobState, JobStatus
 from gpujobs._polling import Deadline
+from gpujobs._retry import retry_observer
 from gpujobs._runner import JobRunner
 from gpujobs.routing._batch import BatchResults, run_batch
 from gpujobs.routing._breaker import BreakerConfig
@@ -463,6 +465,8 @@ class Router:
         self, job: _Job, lane: _Lane, key: int, cancel_on_timeout: bool
     ) -> JobResult:
         started = job.attempt_started
+        # This task's own context: the runner's retries within this attempt are reported here.
+        retry_observer.set(partial(self._on_retry, job, lane))
         timeout = job.deadline.remaining()
         try:
             if job.handle is not None and job.lane is lane:
@@ -489,6 +493,12 @@ class Router:
             EventKind.COMPLETED, job, lane, cost=result.cost, elapsed_s=self._clock() - started
         )
         return result
+
+    def _on_retry(
+        self, job: _Job, lane: _Lane, exc: GpuJobsError, attempt: int, pause: float
+    ) -> None:
+        reason = f"{lane.name} retries request {attempt + 1} in {pause:.2f} s"
+        self._emit(EventKind.RETRIED, job, lane, reason=reason, error=exc)
 
     def _hedge_wait(self, job: _Job, running: Mapping[Any, _Lane]) -> float | None:
         """Seconds until a hedge is due (``None``: no hedge for this job)."""
