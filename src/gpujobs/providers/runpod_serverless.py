@@ -26,7 +26,7 @@ import json
 import math
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, Final
 
 import anyio
@@ -307,24 +307,29 @@ class RunPodServerless(BaseRunner):
     def _handle(self, job: _Job, submitted_at: float) -> JobHandle:
         return JobHandle(id=job.id, provider=self.name, submitted_at=submitted_at)
 
-    async def _submit(self, payload: Mapping[str, Any], deadline: Deadline) -> JobHandle:
-        body = self._body(payload, deadline, _RUN_MAX_BYTES)
-        submitted_at = time.time()
-        # Not idempotent: only a refused connection or a 429 is retried (see _retry).
+    async def _queue(self, request: Callable[[], Awaitable[Any]], deadline: Deadline) -> Any:
+        """Send a request that queues a job, ended at the deadline.
+
+        Retried only where it cannot have queued the job (see _retry); the request timeouts
+        are capped by the deadline, and a failure once it has passed is a timeout.
+        """
         try:
-            answer = await call_with_retries(
-                lambda: self._request(
-                    "POST", "/run", content=body, timeout=deadline.cap(self._request_timeout_s)
-                ),
-                policy=self._retry,
-                idempotent=False,
-                deadline=deadline,
+            return await call_with_retries(
+                request, policy=self._retry, idempotent=False, deadline=deadline
             )
         except ProviderError as exc:
             if deadline.expired:
-                msg = "the deadline passed before RunPod took the job"
+                msg = "the deadline passed before RunPod answered"
                 raise JobTimeoutError(msg, provider=self.name) from exc
             raise
+
+    async def _submit(self, payload: Mapping[str, Any], deadline: Deadline) -> JobHandle:
+        body = self._body(payload, deadline, _RUN_MAX_BYTES)
+        submitted_at = time.time()
+        timeout = deadline.cap(self._request_timeout_s)
+        answer = await self._queue(
+            lambda: self._request("POST", "/run", content=body, timeout=timeout), deadline
+        )
         return self._handle(self._parse_job(answer), submitted_at)
 
     async def _start(
@@ -338,28 +343,22 @@ class RunPodServerless(BaseRunner):
             return await self._submit(payload, deadline), None
         body = self._body(payload, deadline, _RUNSYNC_MAX_BYTES)
         wait_ms = _clamp_ms(wait_s, _RUNSYNC_WAIT_MS)
+        # RunPod answers when the wait is over, before the deadline; the read timeout stops at
+        # the deadline whatever the server does.
+        timeout = deadline.cap(wait_ms / 1000 + self._request_timeout_s)
         submitted_at = time.time()
         self._long_polls += 1
         try:
-            answer = await call_with_retries(
+            answer = await self._queue(
                 lambda: self._request(
                     "POST",
                     f"/runsync?wait={wait_ms}",
                     content=body,
-                    # RunPod answers when the wait is over, before the deadline; the read
-                    # timeout stops at the deadline whatever the server does.
-                    timeout=deadline.cap(wait_ms / 1000 + self._request_timeout_s),
+                    timeout=timeout,
                     on_abandoned=self._cancel_abandoned,
                 ),
-                policy=self._retry,
-                idempotent=False,
-                deadline=deadline,
+                deadline,
             )
-        except ProviderError as exc:
-            if deadline.expired:
-                msg = "the deadline passed before RunPod answered"
-                raise JobTimeoutError(msg, provider=self.name) from exc
-            raise
         finally:
             self._long_polls -= 1
         job = self._parse_job(answer)
