@@ -24,6 +24,7 @@ from gpujobs.routing import (
     Router,
     RouterEvent,
 )
+from gpujobs.routing import _router as router_module
 from gpujobs.testing import Faults, RunPodEmulator
 
 ALWAYS_THROTTLED = Faults(seed=1, rate_limit=1.0, retry_after_s=0.01)
@@ -216,3 +217,17 @@ async def test_no_hedge_for_a_job_faster_than_the_delay(emulators: Emulators) ->
         results = await asyncio.gather(*(router.run({"output": n}, timeout=10) for n in range(5)))
     assert {r.provider for r in results} == {"a"}
     assert second.stats.requests.get("runsync", 0) == 0
+
+
+async def test_state_is_per_router_and_is_documented_so(emulators: Emulators) -> None:
+    # Breakers and budgets live in the Router object: a second router (another replica) keeps
+    # its own, and the docs say so instead of claiming to share them.
+    breaker = BreakerConfig(consecutive_failures=1, open_s=60)
+    async with emulators("flaky", "steady") as [(first, a), (_, b)]:
+        first.inject("runsync", "server_error")
+        one, two = Router([a, b], breaker=breaker), Router([a, b], breaker=breaker)
+        await one.run({"output": 1})
+        assert one.breaker_states()["flaky"] == "open"
+        assert two.breaker_states()["flaky"] == "closed"
+        assert (await two.run({"output": 2})).provider == "flaky"
+    assert "per process" in (Router.__doc__ or "") + (router_module.__doc__ or "")
