@@ -509,3 +509,25 @@ def _end_abandoned(
 def _expire(waiter: asyncio.Future[WireResponse]) -> None:
     if not waiter.done():
         waiter.set_exception(WireError("timed out waiting for the response", sent=True))
+
+
+def make_wire(http_client: httpx.AsyncClient | None, *, max_connections: int) -> Wire:
+    """The wire a runner should use, built without I/O.
+
+    The caller's httpx client if given; else the lean HTTP/1.1 client, unless the environment
+    names a proxy (which only httpx knows how to use).
+    """
+    if http_client is not None:
+        return HttpxWire(http_client, owned=False)
+    if _proxy_configured():
+        limits = httpx.Limits(
+            max_connections=max_connections, max_keepalive_connections=max_connections
+        )
+        return HttpxWire(httpx.AsyncClient(limits=limits), owned=True)
+    return Http11Wire(max_connections=max_connections)
+
+
+def _proxy_configured() -> bool:
+    """Whether the environment names a proxy (what ``urllib.request.getproxies`` reads)."""
+    names = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY")
+    return any(os.environ.get(name) or os.environ.get(name.lower()) for name in names)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -31,7 +30,7 @@ from typing import Any, Final
 
 import anyio
 import httpx
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 
 from gpujobs._errors import (
     ConfigurationError,
@@ -45,7 +44,14 @@ from gpujobs._models import Cost, Health, JobHandle, JobState, JobStatus, JobTim
 from gpujobs._polling import Deadline, PollSchedule
 from gpujobs._retry import RetryPolicy, call_with_retries
 from gpujobs._runner import BaseRunner
-from gpujobs._wire import Http11Wire, HttpxWire, Wire, WireError, WireResponse
+from gpujobs._wire import Wire, WireError, WireResponse, make_wire
+from gpujobs.providers._runpod_jobs import (
+    STATUSES,
+    RunPodJob,
+    clamp_ms,
+    counters,
+    worker_error,
+)
 
 __all__ = ["RunPodServerless"]
 
@@ -62,44 +68,6 @@ _EXECUTION_TIMEOUT_MS: Final = (5_000, 7 * 24 * 3_600_000)
 _TTL_MS: Final = (10_000, 7 * 24 * 3_600_000)
 #: The provider's RunPod caps concurrent /runsync and /status requests per endpoint at 400.
 _MAX_CONNECTIONS: Final = 400
-
-_STATUSES: Final = {
-    "IN_QUEUE": JobStatus.QUEUED,
-    "IN_PROGRESS": JobStatus.RUNNING,
-    "COMPLETED": JobStatus.COMPLETED,
-    "FAILED": JobStatus.FAILED,
-    "CANCELLED": JobStatus.CANCELLED,
-    "TIMED_OUT": JobStatus.TIMED_OUT,
-}
-
-
-class _Job(BaseModel):
-    """A job as RunPod describes it; unknown fields ignored, optional ones may be missing."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    id: str
-    status: str
-    output: Any = None
-    error: Any = None
-    delayTime: float | None = None  # noqa: N815 - RunPod's field names
-    executionTime: float | None = None  # noqa: N815
-    workerId: str | None = None  # noqa: N815
-
-
-def _clamp_ms(seconds: float, bounds: tuple[int, int]) -> int:
-    low, high = bounds
-    return max(low, min(high, math.ceil(seconds * 1000)))
-
-
-def _worker_error(error: Any) -> Any:
-    """RunPod sends a handler's exception as a JSON string; hand back the parsed record."""
-    if isinstance(error, str) and error.startswith("{"):
-        try:
-            return json.loads(error)
-        except ValueError:
-            return error
-    return error
 
 
 class RunPodServerless(BaseRunner):
@@ -178,8 +146,6 @@ class RunPodServerless(BaseRunner):
         self._webhook = webhook
         self._cold_start_threshold_s = cold_start_threshold_s
         self._client = http_client
-        # The lean HTTP/1.1 wire knows no proxies: with one configured, go through httpx.
-        self._use_httpx = http_client is not None or _proxy_configured()
         self._wire_in_use: Wire | None = None
         self._headers = auth_headers(api_key)
         self._json_headers = auth_headers(api_key, **{"Content-Type": "application/json"})
@@ -199,19 +165,8 @@ class RunPodServerless(BaseRunner):
 
     @property
     def _wire(self) -> Wire:
-        if self._wire_in_use is None:
-            if self._client is not None:
-                self._wire_in_use = HttpxWire(self._client, owned=False)
-            elif self._use_httpx:
-                client = httpx.AsyncClient(
-                    limits=httpx.Limits(
-                        max_connections=_MAX_CONNECTIONS,
-                        max_keepalive_connections=_MAX_CONNECTIONS,
-                    )
-                )
-                self._wire_in_use = HttpxWire(client, owned=True)
-            else:
-                self._wire_in_use = Http11Wire(max_connections=_MAX_CONNECTIONS)
+        if self._wire_in_use is None:  # built on first use: no I/O nor SSL context before
+            self._wire_in_use = make_wire(self._client, max_connections=_MAX_CONNECTIONS)
         return self._wire_in_use
 
     async def aclose(self) -> None:
@@ -262,9 +217,9 @@ class RunPodServerless(BaseRunner):
             ) from error
         raise error
 
-    def _parse_job(self, body: Any, *, job_id: str | None = None) -> _Job:
+    def _parse_job(self, body: Any, *, job_id: str | None = None) -> RunPodJob:
         try:
-            return _Job.model_validate(body)
+            return RunPodJob.model_validate(body)
         except ValidationError:
             raise ProviderError(
                 "RunPod answered with something that is not a job",
@@ -279,10 +234,10 @@ class RunPodServerless(BaseRunner):
         policy: dict[str, Any] = {}
         limits = [s for s in (self._execution_timeout_s, deadline.remaining()) if s is not None]
         if limits:
-            policy["executionTimeout"] = _clamp_ms(min(limits), _EXECUTION_TIMEOUT_MS)
+            policy["executionTimeout"] = clamp_ms(min(limits), _EXECUTION_TIMEOUT_MS)
         if (left := deadline.remaining()) is not None:
             # A job still queued when its caller has given up is worth nothing: let it expire.
-            policy["ttl"] = _clamp_ms(left, _TTL_MS)
+            policy["ttl"] = clamp_ms(left, _TTL_MS)
         if self._low_priority:
             policy["lowPriority"] = True
         request: dict[str, Any] = {"input": dict(payload)}
@@ -304,7 +259,7 @@ class RunPodServerless(BaseRunner):
             )
         return body
 
-    def _handle(self, job: _Job, submitted_at: float) -> JobHandle:
+    def _handle(self, job: RunPodJob, submitted_at: float) -> JobHandle:
         return JobHandle(id=job.id, provider=self.name, submitted_at=submitted_at)
 
     async def _queue(self, request: Callable[[], Awaitable[Any]], deadline: Deadline) -> Any:
@@ -342,7 +297,7 @@ class RunPodServerless(BaseRunner):
         if self._long_polls >= self._max_long_polls or wait_s < _RUNSYNC_WAIT_MS[0] / 1000:
             return await self._submit(payload, deadline), None
         body = self._body(payload, deadline, _RUNSYNC_MAX_BYTES)
-        wait_ms = _clamp_ms(wait_s, _RUNSYNC_WAIT_MS)
+        wait_ms = clamp_ms(wait_s, _RUNSYNC_WAIT_MS)
         # RunPod answers when the wait is over, before the deadline; the read timeout stops at
         # the deadline whatever the server does.
         timeout = deadline.cap(wait_ms / 1000 + self._request_timeout_s)
@@ -373,29 +328,29 @@ class RunPodServerless(BaseRunner):
     async def _cancel_when_answered(self, answer: asyncio.Future[WireResponse]) -> None:
         try:
             response = await answer
-            job = _Job.model_validate_json(response.body)
+            job = RunPodJob.model_validate_json(response.body)
         except (WireError, ValidationError, asyncio.CancelledError):
             return  # no answer, or no job in it: nothing to cancel
         taken = 200 <= response.status < 300  # noqa: PLR2004 - a 2xx: RunPod took the job
-        if not taken or _STATUSES.get(job.status, JobStatus.RUNNING).is_terminal:
+        if not taken or STATUSES.get(job.status, JobStatus.RUNNING).is_terminal:
             return
         await self._cancel_quietly(
             JobHandle(id=job.id, provider=self.name, submitted_at=time.time())
         )
 
-    def _state(self, job: _Job) -> JobState:
-        status = _STATUSES.get(job.status, JobStatus.RUNNING)
+    def _state(self, job: RunPodJob) -> JobState:
+        status = STATUSES.get(job.status, JobStatus.RUNNING)
         return JobState(
             id=job.id,
             provider=self.name,
             status=status,
             provider_status=job.status,
             output=job.output,
-            error=_worker_error(job.error),
+            error=worker_error(job.error),
             timings=self._timings(job),
         )
 
-    def _timings(self, job: _Job) -> JobTimings:
+    def _timings(self, job: RunPodJob) -> JobTimings:
         queue_s = None if job.delayTime is None else job.delayTime / 1000
         cold_start = None
         if job.workerId is not None and queue_s is not None:
@@ -461,8 +416,8 @@ class RunPodServerless(BaseRunner):
         return Health(
             provider=self.name,
             ok=True,
-            workers=_counters(answer.get("workers")),
-            jobs=_counters(answer.get("jobs")),
+            workers=counters(answer.get("workers")),
+            jobs=counters(answer.get("jobs")),
         )
 
     async def purge_queue(self) -> int:
@@ -496,7 +451,7 @@ class RunPodServerless(BaseRunner):
             chunks = answer.get("stream") or []
             for chunk in chunks:
                 yield chunk.get("output") if isinstance(chunk, Mapping) else chunk
-            status = _STATUSES.get(str(answer["status"]), JobStatus.RUNNING)
+            status = STATUSES.get(str(answer["status"]), JobStatus.RUNNING)
             if status.is_terminal:
                 if status is not JobStatus.COMPLETED:
                     state = await self._look(handle)
@@ -509,15 +464,3 @@ class RunPodServerless(BaseRunner):
                 )
             if not chunks:
                 await anyio.sleep(deadline.cap(next(intervals)))
-
-
-def _proxy_configured() -> bool:
-    """Whether the environment names a proxy (what ``urllib.request.getproxies`` reads)."""
-    names = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY")
-    return any(os.environ.get(name) or os.environ.get(name.lower()) for name in names)
-
-
-def _counters(value: Any) -> dict[str, int]:
-    if not isinstance(value, Mapping):
-        return {}
-    return {str(k): int(v) for k, v in value.items() if isinstance(v, int | float)}
