@@ -7,7 +7,7 @@ hands the test a ready runner. A new runner joins by adding a deployment below.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import anyio
@@ -24,13 +24,23 @@ from gpujobs import (
     LocalRunner,
     PollSchedule,
     RetryPolicy,
+    RunPodPod,
     RunPodServerless,
+    VastRunner,
 )
-from gpujobs.testing import Faults, RunPodEmulator, scripted_handler, serve
+from gpujobs.testing import (
+    Faults,
+    HandlerWorker,
+    RunPodEmulator,
+    VastEmulator,
+    scripted_handler,
+    serve,
+)
 
 WORKERS = 4
 FAST_POLL = PollSchedule(first_s=0.01, max_interval_s=0.05)
 FAST_RETRY = RetryPolicy(attempts=6, initial_backoff_s=0.01, max_backoff_s=0.05)
+WORKER_TOKEN = "worker-token"
 
 
 @asynccontextmanager
@@ -74,10 +84,60 @@ RIDEABLE_FAULTS = Faults(
     idempotent_routes_only=True,
 )
 
+
+@asynccontextmanager
+async def runpod_pod_worker() -> AsyncIterator[JobRunner]:
+    """The worker's own job server (the pod's code) running the scripted handler."""
+    worker = HandlerWorker(scripted_handler, api_token=WORKER_TOKEN, max_queue=32)
+    async with serve(worker) as server:
+        runner = RunPodPod(
+            base_url=server.url,
+            worker_token=WORKER_TOKEN,
+            name="conformance",
+            queue_limit=32,
+            poll=FAST_POLL,
+            retry=FAST_RETRY,
+        )
+        async with runner:
+            yield runner
+
+
+def vast_emulated(
+    faults: Faults | None = None,
+) -> Callable[[], AbstractAsyncContextManager[JobRunner]]:
+    """Instances rented from the Vast emulator, each running the worker's job server."""
+
+    def worker(env: Mapping[str, str]) -> HandlerWorker:
+        return HandlerWorker(scripted_handler, api_token=env["WORKER_API_TOKEN"], max_queue=32)
+
+    @asynccontextmanager
+    async def deployment() -> AsyncIterator[JobRunner]:
+        emulator = VastEmulator(worker, api_key="secret-key", boot_s=0.05, faults=faults)
+        async with serve(emulator) as server:
+            runner = VastRunner(
+                "gpujobs/test-worker",
+                api_key="secret-key",
+                server_url=server.url,
+                name="conformance",
+                queue_limit=32,
+                poll=FAST_POLL,
+                start_poll=FAST_POLL,
+                retry=FAST_RETRY,
+                reconcile_s=1.0,
+            )
+            async with runner:
+                yield runner
+
+    return deployment
+
+
 DEPLOYMENTS = {
     "local": local,
     "runpod-emulator": runpod_emulated(),
     "runpod-emulator-faults": runpod_emulated(RIDEABLE_FAULTS),
+    "runpod-pod-worker": runpod_pod_worker,
+    "vast-emulator": vast_emulated(),
+    "vast-emulator-faults": vast_emulated(RIDEABLE_FAULTS),
 }
 
 

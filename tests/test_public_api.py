@@ -30,14 +30,17 @@ EXPECTED = {
     "JobTimeoutError",
     "JobTimings",
     "LocalRunner",
+    "MachineRunner",
     "PollSchedule",
     "ProviderError",
     "ProviderUnavailableError",
     "RateLimitedError",
     "RetryPolicy",
     "Router",
+    "RunPodPod",
     "RunPodServerless",
     "SyncRunner",
+    "VastRunner",
     "__version__",
 }
 

@@ -33,8 +33,11 @@ from gpujobs._polling import PollSchedule
 from gpujobs._retry import RetryPolicy
 from gpujobs._runner import BaseRunner, JobRunner
 from gpujobs._sync import SyncRunner
+from gpujobs.providers._machine import MachineRunner
 from gpujobs.providers.local import LocalRunner
+from gpujobs.providers.runpod_pod import RunPodPod
 from gpujobs.providers.runpod_serverless import RunPodServerless
+from gpujobs.providers.vast import VastRunner
 from gpujobs.routing import Router
 
 __version__ = "0.1.0.dev0"
@@ -61,13 +64,16 @@ __all__ = [
     "JobTimeoutError",
     "JobTimings",
     "LocalRunner",
+    "MachineRunner",
     "PollSchedule",
     "ProviderError",
     "ProviderUnavailableError",
     "RateLimitedError",
     "RetryPolicy",
     "Router",
+    "RunPodPod",
     "RunPodServerless",
     "SyncRunner",
+    "VastRunner",
     "__version__",
 ]

@@ -80,18 +80,19 @@ class RunnerStats:
         ordered = sorted(self._latencies)
         return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
 
-    def expected_finish_s(self, now: float) -> float:
+    def expected_finish_s(self, now: float, *, cold: bool = False) -> float:
         """When a job sent now would be done, from what is in flight and what was observed.
 
         A runner with a concurrency limit ``c`` and ``n`` jobs in flight: the job waits for the
         running ones to finish (their remaining time, from when they were sent) and for the
         queued ones ahead of it (``service_s`` each, ``c`` at a time), then runs. An elastic
-        runner: ``P(cold) × cold start + service``. Both add ``dispatch_s``.
+        runner: ``P(cold) × cold start + service`` (``cold=True``: as if the job met a cold
+        worker, ``cold start + service``). Both add ``dispatch_s``.
         """
         concurrency = self.priors.concurrency
         own = self.dispatch_s + self.service_s
         if concurrency is None:
-            return self.cold_probability * self.cold_start_s + own
+            return (1.0 if cold else self.cold_probability) * self.cold_start_s + own
         sent = sorted(self.started.values())
         if len(sent) < concurrency:
             return own

@@ -56,11 +56,19 @@ class Overflow:
     finishes within ``deadline_share`` of the caller's deadline (or ``max_wait_s``, when the
     caller gave no deadline) — the primary is paid for anyway, so waiting for it costs nothing.
     Otherwise the job overflows to the runner expected to finish first.
+
+    ``cold_path=True`` compares the primary with the other runners' finish *on a cold worker*
+    (cold start + service) rather than their expected finish: the primary keeps a job as long
+    as it beats a cold start. In a burst the next serverless worker is cold anyway (the warm
+    ones are busy), and the latency tail is set by cold starts either way, so this keeps more
+    jobs on the paid-for primary for about the same tail (``benches/routing.py`` measures
+    both against a clairvoyant schedule; docs/routing-simulation.md).
     """
 
     margin_s: float = 0.0
     deadline_share: float = 0.8
     max_wait_s: float | None = None
+    cold_path: bool = False
 
     def order(
         self, candidates: Sequence[Candidate], *, now: float, deadline_left_s: float | None
@@ -68,7 +76,10 @@ class Overflow:
         """Primary first while it is good enough, else the fastest other runner first."""
         if not candidates:
             return []
-        expected = {c.index: c.stats.expected_finish_s(now) for c in candidates}
+        expected = {
+            c.index: c.stats.expected_finish_s(now, cold=self.cold_path and c.index != 0)
+            for c in candidates
+        }
         by_speed = sorted(candidates, key=lambda c: (expected[c.index], c.index))
         primary = candidates[0]
         if primary.index != 0:  # the primary cannot take it: fastest first
@@ -87,7 +98,8 @@ class Overflow:
         elif budget is not None and e_primary <= budget:
             reason = f"primary: expected {e_primary:.1f} s within the {budget:.1f} s budget"
         else:
-            why = f"primary expected {e_primary:.1f} s > {best.name} {e_best:.1f} s"
+            cold = " if cold" if self.cold_path else ""
+            why = f"primary expected {e_primary:.1f} s > {best.name} {e_best:.1f} s{cold}"
             return [(best, f"overflow: {why}")] + [
                 (c, "next fastest") for c in (*others[1:], primary)
             ]

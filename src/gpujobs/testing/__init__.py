@@ -12,6 +12,10 @@ production. Serving it needs the ``testing`` extra (uvicorn)::
         ...  # point a client at server.url
 
 From a shell: ``python -m gpujobs.testing.runpod_emulator --port 8000``.
+
+``VastEmulator`` serves the Vast.ai console API the ``vastai`` SDK calls, with rented instances
+that each run a real worker on loopback, and faults (creates that rent then time out, instances
+that die, ports that appear late).
 """
 
 from gpujobs.testing._emulator_server import (
@@ -21,17 +25,37 @@ from gpujobs.testing._emulator_server import (
     serve,
     serve_in_thread,
 )
+from gpujobs.testing._handler_worker import HandlerWorker
 from gpujobs.testing._local_servers import free_port, runpod_local_server, serve_app_in_thread
+from gpujobs.testing._proxy import CuttingProxy
 from gpujobs.testing._runpod_emulator import DEFAULT_RATE_LIMITS, RunPodEmulator
+from gpujobs.testing._runpod_pods_emulator import RunPodPodsEmulator
+from gpujobs.testing._simulated_serverless import SimulatedServerless
+from gpujobs.testing._simulation import SimulatedPod
+from gpujobs.testing._traffic import JobRecord, TraceJob, bursty_trace, replay
+from gpujobs.testing._vast_emulator import VastEmulator
+from gpujobs.testing._virtual_clock import VirtualClockLoop, run_virtual
 from gpujobs.testing.handlers import scripted_handler, scripted_stream_handler
 
 __all__ = [
     "DEFAULT_RATE_LIMITS",
+    "CuttingProxy",
     "EmulatorServer",
     "EmulatorStats",
     "Faults",
+    "HandlerWorker",
+    "JobRecord",
     "RunPodEmulator",
+    "RunPodPodsEmulator",
+    "SimulatedPod",
+    "SimulatedServerless",
+    "TraceJob",
+    "VastEmulator",
+    "VirtualClockLoop",
+    "bursty_trace",
     "free_port",
+    "replay",
+    "run_virtual",
     "runpod_local_server",
     "scripted_handler",
     "scripted_stream_handler",
