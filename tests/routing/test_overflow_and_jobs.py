@@ -174,3 +174,24 @@ async def test_bulkheads_cap_jobs_per_runner(emulators: Emulators) -> None:
         )
     assert sum(r.provider == "small" for r in results) == 2
     assert sum(r.provider == "big" for r in results) == 4
+
+
+async def test_submitted_jobs_count_at_their_runner_until_seen_ended(
+    emulated: OneEmulated,
+) -> None:
+    async with (
+        LocalRunner(scripted_handler, concurrency=1, name="pod") as pod,
+        emulated("serverless", cold_start_s=0.3, workers=4) as (_, serverless),
+    ):
+        router = hybrid(pod, serverless)
+        handles = [await router.submit({"output": n, "sleep_s": JOB_S}) for n in range(4)]
+        assert router.lane_stats()["pod"].in_flight == 2  # the others overflowed
+        results = [await router.wait(h) for h in handles]
+        assert [r.provider for r in results] == ["pod", "pod", "serverless", "serverless"]
+        assert router.lane_stats()["pod"].in_flight == 0
+        # A job only looked at (never waited for) is released once seen ended.
+        handle = await router.submit({"output": "x"})
+        with anyio.fail_after(5):
+            while not (await router.status(handle)).status.is_terminal:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+        assert router.lane_stats()["pod"].in_flight == 0

@@ -155,9 +155,10 @@ class _Dispatcher:
     async def drive(self, job: _Job, *, cancel_on_timeout: bool = True) -> JobResult:
         """Attempts until one succeeds, the job cannot move on, or the deadline passes."""
         running: dict[asyncio.Task[JobResult], _Lane] = {}
-        if job.handle is not None and job.lane is not None:  # submitted: wait where it is
-            where = "waiting where it was submitted"
-            running[self._start(job, job.lane, where, cancel_on_timeout)] = job.lane
+        if job.handle is not None and job.lane is not None and job.lane_key is not None:
+            # Submitted: wait where it is, in the attempt that submit started.
+            waiting = self._attempt(job, job.lane, job.lane_key, cancel_on_timeout)
+            running[asyncio.ensure_future(waiting)] = job.lane
         try:
             while True:
                 if not running:
@@ -188,18 +189,47 @@ class _Dispatcher:
             if running:
                 await self._cancel_losers(job, running)
 
-    def _start(
-        self, job: _Job, lane: _Lane, reason: str, cancel_on_timeout: bool
-    ) -> asyncio.Task[JobResult]:
+    async def submit(self, job: _Job) -> None:
+        """Queue the job at the best runner that takes it.
+
+        It stays counted there until :meth:`drive` (the caller's ``wait``) or :meth:`release`
+        sees it end.
+        """
+        while job.handle is None:
+            lane, reason = await self.pick(job)
+            key = self._occupy(job, lane, reason)
+            try:
+                job.handle = await lane.runner.submit(job.payload, timeout=job.deadline.remaining())
+            except GpuJobsError as exc:
+                self.release(lane, key)
+                self.judge(lane, exc, pending=lane.stats.in_flight)
+                self.failover_or_raise(job, lane, exc)
+            else:
+                job.lane, job.lane_key = lane, key
+
+    def release(self, lane: _Lane, key: int) -> None:
+        """The job of attempt ``key`` no longer occupies the runner."""
+        lane.stats.started.pop(key, None)
+        self._room_freed()
+
+    def _occupy(self, job: _Job, lane: _Lane, reason: str) -> int:
+        """A new attempt at ``lane``, counted there at once.
+
+        Not when its task first runs: the next job's choice (in the same gather) must see it.
+        """
         job.attempts += 1
         job.attempt_started = self._clock()
         self._emit(EventKind.STARTED, job, lane, reason=reason)
         if job.attempts == 1:
             self._budget.record_attempt()
-        # Counted at the runner now, not when the task first runs: the next job's choice (in
-        # the same gather) must see this one.
         key = next(self._attempt_keys)
         lane.stats.started[key] = job.attempt_started
+        return key
+
+    def _start(
+        self, job: _Job, lane: _Lane, reason: str, cancel_on_timeout: bool
+    ) -> asyncio.Task[JobResult]:
+        key = self._occupy(job, lane, reason)
         return asyncio.ensure_future(self._attempt(job, lane, key, cancel_on_timeout))
 
     async def _attempt(
@@ -226,8 +256,9 @@ class _Dispatcher:
             self.judge(lane, exc, pending=lane.stats.in_flight - 1)
             raise
         finally:
-            lane.stats.started.pop(key, None)
-            self._room_freed()
+            self.release(lane, key)
+            if job.lane_key == key:
+                job.lane_key = None
         lane.breaker.record(success=True, pending=lane.stats.in_flight)
         lane.stats.observe(result, self._clock() - started)
         self._emit(

@@ -76,5 +76,6 @@ class _Job:
     attempt_started: float = 0.0  # clock time the latest attempt went out
     handle: JobHandle | None = None  # the job at its current runner (submit/wait only)
     lane: _Lane | None = None
+    lane_key: int | None = None  # the submitted job's place in its lane's count (submit/wait)
     result: JobResult | None = None
     attempts: int = 0

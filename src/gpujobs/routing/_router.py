@@ -163,18 +163,7 @@ class Router:
         """Queue the job on the best runner that takes it (failing over if one refuses)."""
         job = self._new_job(payload, timeout, idempotency_key, task)
         if job.handle is None and job.result is None:
-            self._budget.record_attempt()
-            while job.handle is None:
-                lane, reason = await self._dispatch.pick(job)
-                job.attempts += 1
-                self._emit(EventKind.STARTED, job, lane, reason=reason)
-                try:
-                    job.handle = await lane.runner.submit(payload, timeout=job.deadline.remaining())
-                except GpuJobsError as exc:
-                    self._dispatch.judge(lane, exc)
-                    self._dispatch.failover_or_raise(job, lane, exc)
-                else:
-                    job.lane = lane
+            await self._dispatch.submit(job)
         return JobHandle(
             id=job.id,
             provider=self._name,
@@ -199,6 +188,8 @@ class Router:
                 id=job.id, provider=self._name, status=JobStatus.QUEUED, provider_status="ROUTING"
             )
         state = await job.lane.runner.status(job.handle)
+        if state.status.is_terminal:
+            self._release(job)
         return state.model_copy(update={"id": job.id})
 
     async def wait(
@@ -217,6 +208,7 @@ class Router:
         job = self._known(handle)
         if job.handle is not None and job.lane is not None and job.result is None:
             await job.lane.runner.cancel(job.handle)
+            self._release(job)
 
     async def health(self) -> Health:
         """Healthy while any runner is: each runner's health and breaker in ``detail``."""
@@ -305,6 +297,12 @@ class Router:
             self._remember(idempotency_key, job)
         self._emit(EventKind.SUBMITTED, job, None)
         return job
+
+    def _release(self, job: _Job) -> None:
+        """A submitted job seen ended: it no longer counts at its runner."""
+        if job.lane is not None and job.lane_key is not None:
+            self._dispatch.release(job.lane, job.lane_key)
+            job.lane_key = None
 
     def _remember(self, key: str, job: _Job) -> None:
         self._jobs[key] = job
