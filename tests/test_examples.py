@@ -12,7 +12,7 @@ import pytest
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
 
-def run_example(name: str) -> str:
+def run_example(name: str, cwd: Path | None = None) -> str:
     env = {k: v for k, v in os.environ.items() if k != "RUNPOD_ENDPOINT_ID"}
     done = subprocess.run(
         [sys.executable, str(EXAMPLES / name)],
@@ -21,6 +21,7 @@ def run_example(name: str) -> str:
         timeout=120,
         env=env,
         check=False,
+        cwd=cwd,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
@@ -31,8 +32,8 @@ def test_example_runs(name: str) -> None:
     assert "COMPLETED" in run_example(name)
 
 
-def test_demo_prints_a_table_for_both_runners() -> None:
-    out = run_example("demo.py")
+def test_fan_out_prints_a_table_for_both_runners() -> None:
+    out = run_example("fan_out_emulated.py")
     assert "RunPodServerless → emulated endpoint" in out
     assert "LocalRunner" in out
     assert out.count("18/20 completed") == 2
@@ -40,3 +41,17 @@ def test_demo_prints_a_table_for_both_runners() -> None:
     # Four workers start cold: the first jobs on them are flagged.
     emulated = out.split("LocalRunner")[0]
     assert emulated.count(" yes ") == 4
+
+
+def test_the_demo_routes_a_burst_over_the_pod_and_serverless(tmp_path: Path) -> None:
+    pytest.importorskip("diffusers", reason="needs the worker extra")
+    out = run_example("demo.py", cwd=tmp_path)
+    assert "6/6 completed" in out
+    assert "primary: expected" in out  # the pod kept the jobs it could finish first
+    assert "overflow: primary expected" in out  # and the rest of the burst overflowed
+    served = [line.split()[1] for line in out.splitlines() if line[:3].strip().isdigit()]
+    assert len(served) == 6
+    assert {"pod", "serverless"} <= set(served)
+    layers = sorted((tmp_path / "demo-output").glob("job-*-layer-*.png"))
+    assert len(layers) == 12
+    assert all(png.read_bytes().startswith(b"\x89PNG") for png in layers)
