@@ -7,11 +7,10 @@ with no job in flight.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -89,6 +88,7 @@ class Lifecycle:
             self.start_s = self.started_at - began
             if self._idle_release_s is not None and (self._watcher is None or self._watcher.done()):
                 self._watcher = asyncio.ensure_future(self._watch_idle(self._idle_release_s))
+                self._watcher.add_done_callback(_retrieve)
             return url
 
     def forget(self) -> None:
@@ -140,13 +140,13 @@ class Lifecycle:
         for task in (self._watcher, self._starting):
             if task is not None and not task.done():
                 task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
+                await asyncio.wait([task])  # its end, without raising what it raised
         if release:
             await self.release()
 
 
-def _retrieve(task: asyncio.Task[str]) -> None:
-    # A start whose every waiter gave up may still fail: its error is not news to anyone.
-    if not task.cancelled():
-        task.exception()
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    # A start whose every waiter gave up may still fail, a watcher may meet an error nobody
+    # waits for: logged here, not as "never retrieved" at garbage collection.
+    if not task.cancelled() and (error := task.exception()) is not None:
+        _log.warning("background task of a machine runner failed: %r", error)
