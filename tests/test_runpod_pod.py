@@ -439,3 +439,26 @@ def test_no_secret_in_reprs(monkeypatch: pytest.MonkeyPatch) -> None:
     assert KEY not in shown
     assert TOKEN not in shown
     assert "abc-8000.proxy.runpod.net" in runner.machine._worker_url  # type: ignore[union-attr]
+
+
+async def test_jobs_on_a_worker_at_a_fixed_url_are_never_cold_starts() -> None:
+    worker = HandlerWorker(scripted_handler, api_token=TOKEN)
+    async with (
+        serve(worker) as server,
+        RunPodPod(
+            base_url=server.url, worker_token=TOKEN, poll=FAST_POLL, retry=FAST_RETRY
+        ) as runner,
+    ):
+        burst = await asyncio.gather(*(runner.run({"output": n}, timeout=30) for n in range(3)))
+    assert [r.timings.cold_start for r in burst] == [False, False, False]
+
+
+async def test_health_of_a_worker_at_a_fixed_url_asks_the_worker() -> None:
+    worker = HandlerWorker(scripted_handler, api_token=TOKEN)
+    async with (
+        serve(worker) as server,
+        RunPodPod(base_url=server.url, worker_token=TOKEN, retry=FAST_RETRY) as runner,
+    ):
+        health = await runner.health()  # before any job
+    assert health.ok
+    assert health.workers == {"ready": 1}

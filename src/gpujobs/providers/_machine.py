@@ -73,6 +73,8 @@ class Machine(Protocol):
 
     #: The pod id / the instance label, for errors and logs.
     name: str
+    # An implementation may also set ``always_on = True``: a worker this runner never starts
+    # (its jobs are never flagged as cold starts).
 
     async def ready(self, deadline: Deadline) -> str:
         """Start / resume / rent as needed, wait until ``GET /health`` says ready; the base URL.
@@ -264,7 +266,10 @@ class MachineRunner(BaseRunner):
         self._reserved += 1
         try:
             try:
-                url, cold = await self._life.ready(deadline)
+                url, waited = await self._life.ready(deadline)
+                # A job that waited for the machine to start met a cold start; a worker that
+                # was always up (a fixed URL) never does.
+                cold = waited and not getattr(self._machine, "always_on", False)
             except TimeoutError:
                 msg = f"{self._machine.name} was not ready before the deadline"
                 raise JobTimeoutError(msg, provider=self.name) from None
@@ -401,7 +406,10 @@ class MachineRunner(BaseRunner):
 
     async def health(self) -> Health:
         """The worker's ``GET /health``; a stopped machine is reported, not started."""
-        if (url := self._life.url) is None:
+        url = self._life.url
+        if url is None and getattr(self._machine, "always_on", False):
+            url = await self._machine.ready(Deadline(None))  # at hand: nothing to start
+        if url is None:
             return Health(
                 provider=self.name,
                 ok=True,

@@ -42,6 +42,8 @@ _POD_ID: Final = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 class _FixedMachine:
     """A worker at a fixed URL that this runner does not start or stop."""
 
+    always_on = True
+
     def __init__(self, url: str, usd_per_hour: float | None) -> None:
         self.name = url
         self._url = url.rstrip("/")
