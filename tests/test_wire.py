@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from gpujobs._wire import Http11Wire, WireError
+from gpujobs._wire import Http11Wire, HttpxWire, WireError, make_wire
 
 Answer = Callable[[bytes], bytes | None]  # request bytes -> raw response (None: hang up)
 
@@ -213,3 +213,24 @@ async def test_host_names_are_resolved_once_and_every_address_is_tried(
     assert lookups == ["api.example"]
     assert raw.connections == 5
     assert b"\r\nHost: api.example:" in raw.requests[0]
+
+
+async def test_a_configured_proxy_means_httpx_built_on_first_use(
+    serve: Callable[[Answer], asyncio.Future[tuple[str, RawServer]]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The lean client knows no proxies: with one in the environment, runners use httpx, which
+    # honours it (and NO_PROXY, which keeps this loopback test direct).
+    for name in ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    url, _ = await serve(lambda _: b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    wire = make_wire(None, max_connections=4)
+    assert not isinstance(wire, Http11Wire | HttpxWire)  # nothing built yet
+    response = await wire.request("GET", url + "/", headers={}, timeout=5)
+    assert (response.status, response.body) == (200, b"ok")
+    await wire.aclose()
+    monkeypatch.delenv("HTTP_PROXY")
+    assert isinstance(make_wire(None, max_connections=4), Http11Wire)

@@ -12,15 +12,13 @@ present. Header ``Authorization: Bearer <key>``, sent to RunPod's API only, neve
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, Final
 from urllib.parse import urlsplit
 
 import anyio
-import httpx
 
 from gpujobs._errors import (
     CapacityError,
@@ -33,9 +31,9 @@ from gpujobs._errors import (
 from gpujobs._http import auth_headers, error_for_response, error_for_wire, parse_json
 from gpujobs._polling import Deadline, PollSchedule
 from gpujobs._retry import RetryPolicy, call_with_retries
-from gpujobs._wire import Wire, WireError, WireResponse, make_wire
+from gpujobs._wire import Wire, WireError
 
-__all__ = ["REST_API", "STARTING_POLL", "LazyWire", "RunPodPodMachine"]
+__all__ = ["REST_API", "STARTING_POLL", "RunPodPodMachine"]
 
 REST_API: Final = "https://rest.runpod.io/v1"
 #: A pod in these states serves nothing and will not by waiting.
@@ -260,34 +258,3 @@ class RunPodPodMachine:
         """Seconds since the pod last started (0 when stopped)."""
         since = self._running_since
         return 0.0 if since is None else max(0.0, time.time() - since)
-
-
-class LazyWire:
-    """The wire to RunPod's API, built on first use (an httpx client costs ~30 ms CPU)."""
-
-    def __init__(self, http_client: httpx.AsyncClient | None) -> None:
-        self._client = http_client
-        self._wire: Wire | None = None
-
-    async def request(
-        self,
-        method: str,
-        url: str,
-        *,
-        headers: Mapping[str, str],
-        body: bytes | None = None,
-        timeout: float,
-        on_abandoned: Callable[[asyncio.Future[WireResponse]], None] | None = None,
-    ) -> WireResponse:
-        """One request, through the wire built on the first."""
-        if self._wire is None:
-            self._wire = make_wire(self._client, max_connections=8)
-        return await self._wire.request(
-            method, url, headers=headers, body=body, timeout=timeout, on_abandoned=on_abandoned
-        )
-
-    async def aclose(self) -> None:
-        """Close the wire, if one was built."""
-        if self._wire is not None:
-            await self._wire.aclose()
-            self._wire = None

@@ -22,7 +22,7 @@ from gpujobs._errors import CapacityError, InvalidInputError, JobLostError, Prov
 from gpujobs._http import auth_headers, error_for_response, error_for_wire, parse_json
 from gpujobs._polling import Deadline
 from gpujobs._retry import RetryPolicy, call_with_retries
-from gpujobs._wire import Wire, WireError, make_wire
+from gpujobs._wire import WireError, make_wire
 
 __all__ = ["NO_JOB_API", "HeldJobs", "WorkerApi", "WorkerJob"]
 
@@ -60,24 +60,15 @@ class WorkerApi:
         request_timeout_s: float,
     ) -> None:
         self._provider = provider
-        self._client = http_client
-        self._wire_in_use: Wire | None = None
+        self._wire = make_wire(http_client, max_connections=32)
         self._headers = auth_headers(api_token)
         self._json_headers = auth_headers(api_token, **{"Content-Type": "application/json"})
         self._retry = retry
         self._timeout_s = request_timeout_s
 
-    @property
-    def _wire(self) -> Wire:
-        if self._wire_in_use is None:  # built on first use: an httpx client costs ~30 ms CPU
-            self._wire_in_use = make_wire(self._client, max_connections=32)
-        return self._wire_in_use
-
     async def aclose(self) -> None:
         """Close the connections (not an ``http_client`` handed in)."""
-        if self._wire_in_use is not None:
-            await self._wire_in_use.aclose()
-            self._wire_in_use = None
+        await self._wire.aclose()
 
     async def request(
         self,

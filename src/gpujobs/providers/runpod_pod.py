@@ -26,11 +26,11 @@ import httpx
 from gpujobs._errors import ConfigurationError
 from gpujobs._polling import Deadline, PollSchedule
 from gpujobs._retry import RetryPolicy
+from gpujobs._wire import make_wire
 from gpujobs.providers._machine import MachineRunner
 from gpujobs.providers._runpod_pod_machine import (
     REST_API,
     STARTING_POLL,
-    LazyWire,
     RunPodPodMachine,
 )
 
@@ -141,7 +141,7 @@ class RunPodPod(MachineRunner):
             if not api_key:
                 msg = "no API key: pass api_key= or set RUNPOD_API_KEY"
                 raise ConfigurationError(msg, provider=label)
-            self._pod_wire = LazyWire(http_client)
+            self._pod_wire = make_wire(http_client, max_connections=8)
             machine = RunPodPodMachine(
                 pod_id,
                 api_key=api_key,

@@ -44,7 +44,7 @@ from gpujobs._models import Cost, Health, JobHandle, JobState, JobStatus, JobTim
 from gpujobs._polling import Deadline, PollSchedule
 from gpujobs._retry import RetryPolicy, call_with_retries
 from gpujobs._runner import BaseRunner
-from gpujobs._wire import Wire, WireError, WireResponse, make_wire
+from gpujobs._wire import WireError, WireResponse, make_wire
 from gpujobs.providers._runpod_jobs import (
     STATUSES,
     RunPodJob,
@@ -145,8 +145,7 @@ class RunPodServerless(BaseRunner):
         self._low_priority = low_priority
         self._webhook = webhook
         self._cold_start_threshold_s = cold_start_threshold_s
-        self._client = http_client
-        self._wire_in_use: Wire | None = None
+        self._wire = make_wire(http_client, max_connections=_MAX_CONNECTIONS)
         self._headers = auth_headers(api_key)
         self._json_headers = auth_headers(api_key, **{"Content-Type": "application/json"})
         self._retry = retry or RetryPolicy()
@@ -163,12 +162,6 @@ class RunPodServerless(BaseRunner):
 
     # -- HTTP --------------------------------------------------------------------------------
 
-    @property
-    def _wire(self) -> Wire:
-        if self._wire_in_use is None:  # built on first use: no I/O nor SSL context before
-            self._wire_in_use = make_wire(self._client, max_connections=_MAX_CONNECTIONS)
-        return self._wire_in_use
-
     async def aclose(self) -> None:
         """Close the connections this runner opened (not an ``http_client`` handed in).
 
@@ -178,9 +171,7 @@ class RunPodServerless(BaseRunner):
         if self._abandoned:
             with anyio.move_on_after(_CLOSE_GRACE_S, shield=True):
                 await asyncio.gather(*self._abandoned, return_exceptions=True)
-        if self._wire_in_use is not None:
-            await self._wire_in_use.aclose()
-            self._wire_in_use = None
+        await self._wire.aclose()
 
     async def _request(
         self,
