@@ -127,6 +127,7 @@ class Workload:
     time_factor: float = 1.0
     spread: float = 0.25
     warm: bool = False
+    loop: str = "asyncio"
 
     @property
     def jobs(self) -> int:
@@ -171,6 +172,8 @@ class Workload:
             "--spread",
             repr(self.spread),
             *(["--warm"] if self.warm else []),
+            "--loop",
+            self.loop,
         ]
 
 
@@ -348,7 +351,13 @@ def child_main(
     maxrss_before = _maxrss_mb()
     if profiler is not None:
         profiler.enable()
-    records, cpu_s, wall_s = asyncio.run(run(port, payloads, timeout, warm or workload.warm))
+    main = run(port, payloads, timeout, warm or workload.warm)
+    if workload.loop == "uvloop":
+        import uvloop  # noqa: PLC0415 - only when asked for
+
+        records, cpu_s, wall_s = uvloop.run(main)
+    else:
+        records, cpu_s, wall_s = asyncio.run(main)
     if profiler is not None:
         profiler.disable()
 
@@ -779,6 +788,7 @@ def render(
     rate_limits: bool,
     command: str,
     warm: bool = False,
+    loop: str = "asyncio",
 ) -> str:
     """The Markdown report: the table, then ratios and targets per scenario."""
     versions = {row.client: row.library_version for row in rows}
@@ -792,6 +802,7 @@ def render(
             "so fixed-interval polling is not measured at one lucky or unlucky phase)"
         ),
         f"- command: `{command}`",
+        f"- event loop of both clients: {loop}",
         (
             "- **warm** clients: a warm-up batch of as many short jobs ran first on the same "
             "client object (not counted)"
@@ -889,6 +900,13 @@ def _parser() -> argparse.ArgumentParser:
         "first-use costs fall outside the measured batch, as in a long-running service",
     )
     parser.add_argument(
+        "--loop",
+        choices=("asyncio", "uvloop"),
+        default="asyncio",
+        help="the event loop both clients run on (uvloop: what uvicorn-served backends often "
+        "run); default asyncio",
+    )
+    parser.add_argument(
         "--no-rate-limits",
         action="store_true",
         help="lift the emulator's RunPod rate limits (on by default, as at RunPod)",
@@ -918,7 +936,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             _parser().error("--client needs --port, --json-out and one --scenario")
         child_main(
             client=args.client,
-            workload=Workload(args.scenario[0], args.time_factor, args.spread, args.warm),
+            workload=Workload(
+                args.scenario[0], args.time_factor, args.spread, args.warm, args.loop
+            ),
             port=args.port,
             json_out=args.json_out,
             profile_out=args.profile,
@@ -937,7 +957,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"time factor {args.time_factor:g}; work folder {workdir}", file=sys.stderr)
         for scenario in scenarios:
             rows += run_workload(
-                Workload(scenario, args.time_factor, args.spread, args.warm),
+                Workload(scenario, args.time_factor, args.spread, args.warm, args.loop),
                 workdir=workdir,
                 profile_dir=args.profile,
                 rate_limits=not args.no_rate_limits,
@@ -951,6 +971,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rate_limits=not args.no_rate_limits,
         command=command,
         warm=args.warm,
+        loop=args.loop,
     )
     print(report)
     if args.output is not None:
