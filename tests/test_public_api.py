@@ -31,6 +31,7 @@ EXPECTED = {
     "JobTimings",
     "LocalRunner",
     "MachineRunner",
+    "ModalRunner",
     "PollSchedule",
     "ProviderError",
     "ProviderUnavailableError",

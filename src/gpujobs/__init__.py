@@ -35,6 +35,7 @@ from gpujobs._runner import BaseRunner, JobRunner
 from gpujobs._sync import SyncRunner
 from gpujobs.providers._machine import MachineRunner
 from gpujobs.providers.local import LocalRunner
+from gpujobs.providers.modal import ModalRunner
 from gpujobs.providers.runpod_pod import RunPodPod
 from gpujobs.providers.runpod_serverless import RunPodServerless
 from gpujobs.providers.vast import VastRunner
@@ -65,6 +66,7 @@ __all__ = [
     "JobTimings",
     "LocalRunner",
     "MachineRunner",
+    "ModalRunner",
     "PollSchedule",
     "ProviderError",
     "ProviderUnavailableError",

@@ -27,6 +27,7 @@ from gpujobs.testing._emulator_server import (
 )
 from gpujobs.testing._handler_worker import HandlerWorker
 from gpujobs.testing._local_servers import free_port, runpod_local_server, serve_app_in_thread
+from gpujobs.testing._modal_fake import FakeModal, ModalWebEmulator
 from gpujobs.testing._proxy import CuttingProxy
 from gpujobs.testing._runpod_emulator import DEFAULT_RATE_LIMITS, RunPodEmulator
 from gpujobs.testing._runpod_pods_emulator import RunPodPodsEmulator
@@ -42,9 +43,11 @@ __all__ = [
     "CuttingProxy",
     "EmulatorServer",
     "EmulatorStats",
+    "FakeModal",
     "Faults",
     "HandlerWorker",
     "JobRecord",
+    "ModalWebEmulator",
     "RunPodEmulator",
     "RunPodPodsEmulator",
     "SimulatedPod",

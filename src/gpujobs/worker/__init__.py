@@ -6,7 +6,8 @@ One container image, three ways to run it (``python -m gpujobs.worker``):
   (:mod:`gpujobs.worker.serverless`);
 - ``DEPLOYMENT_MODE=pod``: an HTTP server with a job API, for RunPod Pods, Vast.ai and any host
   (:mod:`gpujobs.worker.pod`);
-- a Modal app (later).
+- on Modal: ``modal deploy -m gpujobs.worker.modal_app`` (:mod:`gpujobs.worker.modal_app`), a
+  GPU class loading the pipeline once per container and submit/result web endpoints.
 
 Modules: :mod:`~gpujobs.worker.schemas` (the request and response contract),
 :mod:`~gpujobs.worker.service` (the one code path both modes run),
