@@ -195,3 +195,15 @@ async def test_submitted_jobs_count_at_their_runner_until_seen_ended(
             while not (await router.status(handle)).status.is_terminal:  # noqa: ASYNC110
                 await anyio.sleep(0.01)
         assert router.lane_stats()["pod"].in_flight == 0
+
+
+async def test_concurrent_callers_of_one_job_share_one_run(emulators: Emulators) -> None:
+    async with emulators("a", "b") as [(first, a), (second, b)]:
+        router = Router([a, b])
+        same = [router.run({"output": 1, "sleep_s": 0.1}, idempotency_key="k") for _ in range(3)]
+        results = await asyncio.gather(*same)
+        handle = await router.submit({"output": 2, "sleep_s": 0.1})
+        waited = await asyncio.gather(*(router.wait(handle) for _ in range(3)))
+    assert len({r.id for r in results}) == 1
+    assert len({r.id for r in waited}) == 1
+    assert first.stats.jobs_submitted + second.stats.jobs_submitted == 2

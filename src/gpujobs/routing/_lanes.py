@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,5 +78,6 @@ class _Job:
     handle: JobHandle | None = None  # the job at its current runner (submit/wait only)
     lane: _Lane | None = None
     lane_key: int | None = None  # the submitted job's place in its lane's count (submit/wait)
+    outcome: asyncio.Future[JobResult] | None = None  # set once the job is being driven
     result: JobResult | None = None
     attempts: int = 0

@@ -25,6 +25,7 @@ from typing import Any, Self
 from gpujobs._errors import (
     ConfigurationError,
     GpuJobsError,
+    JobCancelledError,
     JobLostError,
     ProviderError,
 )
@@ -150,7 +151,7 @@ class Router:
         job = self._new_job(payload, timeout, idempotency_key, task)
         if job.result is not None:
             return job.result
-        return await self._dispatch.drive(job)
+        return await self._drive_once(job)
 
     async def submit(
         self,
@@ -199,9 +200,9 @@ class Router:
         job = self._known(handle)
         if job.result is not None:
             return job.result
-        if timeout is not None:
+        if timeout is not None and job.outcome is None:
             job.deadline, job.caller_deadline = Deadline.after(timeout), True
-        return await self._dispatch.drive(job, cancel_on_timeout=cancel_on_timeout)
+        return await self._drive_once(job, cancel_on_timeout=cancel_on_timeout)
 
     async def cancel(self, handle: JobHandle) -> None:
         """Cancel the job at the runner that has it."""
@@ -270,6 +271,28 @@ class Router:
         await self.aclose()
 
     # -- jobs and events ------------------------------------------------------------------------
+
+    async def _drive_once(self, job: _Job, *, cancel_on_timeout: bool = True) -> JobResult:
+        """Drive the job once.
+
+        A second caller (the same idempotency key, the same handle) awaits the first one's
+        outcome instead of running the job again.
+        """
+        if job.outcome is not None:
+            return await asyncio.shield(job.outcome)
+        job.outcome = asyncio.get_running_loop().create_future()
+        try:
+            result = await self._dispatch.drive(job, cancel_on_timeout=cancel_on_timeout)
+        except BaseException as exc:
+            failure = exc
+            if not isinstance(exc, GpuJobsError):  # the first caller was cancelled
+                msg = "the job was cancelled with the caller that ran it"
+                failure = JobCancelledError(msg, provider=self._name, job_id=job.id)
+            job.outcome.set_exception(failure)
+            job.outcome.exception()  # retrieved: nobody else may be waiting
+            raise
+        job.outcome.set_result(result)
+        return result
 
     def _new_job(
         self,
