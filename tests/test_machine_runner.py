@@ -212,3 +212,38 @@ async def test_cancelling_a_running_job_ends_a_held_look_at_once() -> None:
                     await anyio.sleep(0.01)
                 await client.delete(f"{url}/jobs/{job_id}")
         assert answers[0]["status"] == "CANCELLED"
+
+
+async def test_failures_of_many_jobs_at_once_share_one_check() -> None:
+    worker_server = serve(HandlerWorker(scripted_handler, max_queue=32))
+    worker = await worker_server.__aenter__()
+    machine = ScriptedMachine(worker.url)
+    checks = 0
+    may_answer = anyio.Event()
+
+    async def slow_check() -> bool:
+        nonlocal checks
+        checks += 1
+        await may_answer.wait()
+        return False  # the machine died
+
+    machine.check = slow_check  # type: ignore[method-assign]
+    async with MachineRunner(machine, poll=FAST_POLL, retry=FAST_RETRY, queue_limit=8) as runner:
+        handles = [await runner.submit({"sleep_s": 30}, timeout=60) for _ in range(4)]
+        await worker_server.__aexit__(None, None, None)  # the worker goes away mid-job
+        outcomes: list[BaseException] = []
+
+        async def look(handle: object) -> None:
+            try:
+                await runner.status(handle)  # type: ignore[arg-type]
+            except ProviderError as exc:
+                outcomes.append(exc)
+
+        async with anyio.create_task_group() as tasks:
+            for handle in handles:
+                tasks.start_soon(look, handle)
+            await anyio.wait_all_tasks_blocked()
+            may_answer.set()
+    assert checks == 1
+    assert len(outcomes) == 4
+    assert all(exc.retryable for exc in outcomes)

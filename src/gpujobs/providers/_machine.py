@@ -197,6 +197,7 @@ class MachineRunner(BaseRunner):
         self._reserved = 0
         self._held: HeldJobs | None = None  # a plain server: no /jobs
         self._book = CostBook()
+        self._checking: asyncio.Future[bool] | None = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, machine={self._machine.name!r})"
@@ -231,7 +232,7 @@ class MachineRunner(BaseRunner):
         if isinstance(exc, CapacityError) or (exc.status_code or 500) < 500:  # noqa: PLR2004
             return
         try:
-            alive = await self._machine.check()
+            alive = await self._check()
         except ProviderError:
             return  # cannot tell: treat the failure as passing
         if alive:
@@ -243,6 +244,13 @@ class MachineRunner(BaseRunner):
             job_id=job_id,
             retryable=True,
         ) from exc
+
+    async def _check(self) -> bool:
+        """``Machine.check``, once for however many jobs' requests failed at the same time."""
+        if self._checking is None or self._checking.done():
+            self._checking = asyncio.ensure_future(self._machine.check())
+            self._checking.add_done_callback(_retrieve_error)
+        return await asyncio.shield(self._checking)
 
     async def release(self) -> None:
         """Release the machine now (stop the pod, destroy the instance); idempotent."""
@@ -453,3 +461,9 @@ class MachineRunner(BaseRunner):
 
 def _seconds(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and value >= 0 else None
+
+
+def _retrieve_error(done: asyncio.Future[bool]) -> None:
+    # Every waiter sees the error; this keeps asyncio from also logging it as never retrieved.
+    if not done.cancelled():
+        done.exception()
