@@ -25,6 +25,7 @@ __all__ = [
     "Secret",
     "SecretHeaders",
     "auth_headers",
+    "encode_json",
     "error_for_response",
     "error_for_wire",
     "parse_json",
@@ -157,6 +158,15 @@ def error_for_wire(exc: WireError, *, provider: str, job_id: str | None = None) 
     return ProviderError(
         f"the request got no complete answer ({exc})", provider=provider, job_id=job_id
     )
+
+
+def encode_json(payload: Any, *, provider: str) -> bytes:
+    """A request body as compact JSON; :class:`InvalidInputError` for what JSON cannot hold."""
+    try:
+        return json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
+    except (TypeError, ValueError) as exc:
+        msg = f"the payload is not JSON-serialisable: {exc}"
+        raise InvalidInputError(msg, provider=provider) from None
 
 
 def parse_json(response: WireResponse, *, provider: str, job_id: str | None = None) -> Any:

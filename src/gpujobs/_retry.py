@@ -32,7 +32,7 @@ from tenacity import (
     stop_before_delay,
 )
 
-from gpujobs._errors import GpuJobsError, ProviderError, RateLimitedError
+from gpujobs._errors import GpuJobsError, JobTimeoutError, ProviderError, RateLimitedError
 from gpujobs._polling import Deadline
 
 __all__ = ["RetryPolicy", "call_with_retries", "should_retry"]
@@ -98,6 +98,27 @@ async def call_with_retries(
             raise
         first_error = exc
     return await _retry(request, first_error, policy, idempotent, deadline or Deadline(None))
+
+
+async def queue_job(
+    request: Callable[[], Awaitable[T]],
+    *,
+    policy: RetryPolicy,
+    deadline: Deadline,
+    provider: str,
+) -> T:
+    """Send a request that may queue a job, ended at ``deadline``.
+
+    Retried only where it cannot have queued the job (see :func:`should_retry`); a failure
+    once the deadline has passed is a timeout. Cap the request's own timeouts by the deadline.
+    """
+    try:
+        return await call_with_retries(request, policy=policy, idempotent=False, deadline=deadline)
+    except ProviderError as exc:
+        if deadline.expired:
+            msg = f"the deadline passed before {provider} answered"
+            raise JobTimeoutError(msg, provider=provider) from exc
+        raise
 
 
 async def _retry(

@@ -33,7 +33,6 @@ The ``Machine`` implementations: ``RunPodPodMachine`` (:mod:`gpujobs.providers.r
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
@@ -45,12 +44,12 @@ import httpx
 from gpujobs._errors import (
     CapacityError,
     ConfigurationError,
-    InvalidInputError,
     JobLostError,
     JobTimeoutError,
     ProviderError,
     ProviderUnavailableError,
 )
+from gpujobs._http import encode_json
 from gpujobs._models import Cost, Health, JobHandle, JobState, JobStatus, JobTimings
 from gpujobs._polling import Deadline, PollSchedule, poll_until_terminal
 from gpujobs._retry import RetryPolicy
@@ -264,11 +263,7 @@ class MachineRunner(BaseRunner):
                 f"{in_flight} jobs in flight on {self._machine.name}: the queue is full",
                 provider=self.name,
             )
-        try:
-            body = json.dumps(dict(payload), separators=(",", ":"), allow_nan=False).encode()
-        except (TypeError, ValueError) as exc:
-            msg = f"the payload is not JSON-serialisable: {exc}"
-            raise InvalidInputError(msg, provider=self.name) from None
+        body = encode_json(dict(payload), provider=self.name)
         job_id = uuid.uuid4().hex
         submitted_at = time.time()
         self._reserved += 1

@@ -15,7 +15,6 @@ the same headers, for as long as the deadline allows; endpoints deployed with
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any, Final
 from urllib.parse import urljoin
@@ -24,14 +23,18 @@ import httpx
 
 from gpujobs._errors import (
     GpuJobsError,
-    InvalidInputError,
     JobLostError,
-    JobTimeoutError,
     ProviderError,
 )
-from gpujobs._http import SecretHeaders, error_for_response, error_for_wire, parse_json
+from gpujobs._http import (
+    SecretHeaders,
+    encode_json,
+    error_for_response,
+    error_for_wire,
+    parse_json,
+)
 from gpujobs._polling import Deadline
-from gpujobs._retry import RetryPolicy, call_with_retries
+from gpujobs._retry import RetryPolicy, queue_job
 from gpujobs._wire import WireError, WireResponse, make_wire
 from gpujobs.providers._modal_calls import ModalCallState
 
@@ -110,12 +113,7 @@ class WebTransport:
 
     async def submit(self, payload: Mapping[str, Any], deadline: Deadline) -> str:
         """``POST /submit``; retried only where it cannot have started a call."""
-        try:
-            body = json.dumps(dict(payload), separators=(",", ":"), allow_nan=False).encode()
-        except (TypeError, ValueError) as exc:
-            raise InvalidInputError(
-                f"the payload is not JSON-serialisable: {exc}", provider=self._provider
-            ) from None
+        body = encode_json(dict(payload), provider=self._provider)
         timeout = deadline.cap(self._request_timeout_s)
 
         async def send() -> str:
@@ -127,15 +125,7 @@ class WebTransport:
                 raise ProviderError("POST /submit answered no call id", provider=self._provider)
             return str(answer["id"])
 
-        try:
-            return await call_with_retries(
-                send, policy=self._retry, idempotent=False, deadline=deadline
-            )
-        except ProviderError as exc:
-            if deadline.expired:
-                msg = "the deadline passed before Modal answered"
-                raise JobTimeoutError(msg, provider=self._provider) from exc
-            raise
+        return await queue_job(send, policy=self._retry, deadline=deadline, provider=self._provider)
 
     async def look(self, call_id: str, wait_s: float) -> ModalCallState:
         """``GET /result/{id}?wait=S``: 202 running, 200 ended, 404 lost."""

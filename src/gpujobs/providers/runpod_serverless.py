@@ -22,7 +22,6 @@ answers 405, so :meth:`status` switches to POST on a 405), there is no ``/v2/{id
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -39,10 +38,16 @@ from gpujobs._errors import (
     JobTimeoutError,
     ProviderError,
 )
-from gpujobs._http import auth_headers, error_for_response, error_for_wire, parse_json
+from gpujobs._http import (
+    auth_headers,
+    encode_json,
+    error_for_response,
+    error_for_wire,
+    parse_json,
+)
 from gpujobs._models import Cost, Health, JobHandle, JobState, JobStatus, JobTimings
 from gpujobs._polling import Deadline, PollSchedule
-from gpujobs._retry import RetryPolicy, call_with_retries
+from gpujobs._retry import RetryPolicy, call_with_retries, queue_job
 from gpujobs._runner import BaseRunner
 from gpujobs._wire import WireError, WireResponse, make_wire
 from gpujobs.providers._runpod_jobs import (
@@ -236,12 +241,7 @@ class RunPodServerless(BaseRunner):
             request["policy"] = policy
         if self._webhook:
             request["webhook"] = self._webhook
-        try:
-            body = json.dumps(request, separators=(",", ":"), allow_nan=False).encode()
-        except (TypeError, ValueError) as exc:
-            raise InvalidInputError(
-                f"the payload is not JSON-serialisable: {exc}", provider=self.name
-            ) from None
+        body = encode_json(request, provider=self.name)
         if len(body) > max_bytes:
             raise InvalidInputError(
                 f"the payload is {len(body) / _MB:.1f} MB; this route takes at most "
@@ -254,20 +254,8 @@ class RunPodServerless(BaseRunner):
         return JobHandle(id=job.id, provider=self.name, submitted_at=submitted_at)
 
     async def _queue(self, request: Callable[[], Awaitable[Any]], deadline: Deadline) -> Any:
-        """Send a request that queues a job, ended at the deadline.
-
-        Retried only where it cannot have queued the job (see _retry); the request timeouts
-        are capped by the deadline, and a failure once it has passed is a timeout.
-        """
-        try:
-            return await call_with_retries(
-                request, policy=self._retry, idempotent=False, deadline=deadline
-            )
-        except ProviderError as exc:
-            if deadline.expired:
-                msg = "the deadline passed before RunPod answered"
-                raise JobTimeoutError(msg, provider=self.name) from exc
-            raise
+        """Send a request that queues a job (the request timeouts capped by the deadline)."""
+        return await queue_job(request, policy=self._retry, deadline=deadline, provider=self.name)
 
     async def _submit(self, payload: Mapping[str, Any], deadline: Deadline) -> JobHandle:
         body = self._body(payload, deadline, _RUN_MAX_BYTES)
