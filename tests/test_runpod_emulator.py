@@ -786,7 +786,7 @@ async def test_closing_the_server_answers_a_waiting_runsync() -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(wait_long)
             with anyio.fail_after(5):  # the job is running, not merely queued
-                while (await client.get("/health")).json()["jobs"]["inProgress"] != 1:
+                while (await client.get("/health")).json()["jobs"]["inProgress"] != 1:  # noqa: ASYNC110 - polled over HTTP
                     await anyio.sleep(0.005)
             await emulator.aclose()
     assert answers[0].json()["status"] == "IN_PROGRESS"
