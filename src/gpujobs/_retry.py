@@ -20,20 +20,15 @@ import random
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import anyio
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception,
-    stop_after_attempt,
-    stop_any,
-    stop_before_delay,
-)
 
 from gpujobs._errors import GpuJobsError, JobTimeoutError, ProviderError, RateLimitedError
 from gpujobs._polling import Deadline
+
+if TYPE_CHECKING:
+    from tenacity import RetryCallState
 
 __all__ = ["RetryPolicy", "call_with_retries", "should_retry"]
 
@@ -128,6 +123,15 @@ async def _retry(
     idempotent: bool,
     deadline: Deadline,
 ) -> T:
+    # tenacity is loaded with the first failure that may be retried, not with gpujobs.
+    from tenacity import (  # noqa: PLC0415
+        AsyncRetrying,
+        retry_if_exception,
+        stop_after_attempt,
+        stop_any,
+        stop_before_delay,
+    )
+
     def wait(state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
         hint = exc.retry_after if isinstance(exc, GpuJobsError) else None

@@ -29,10 +29,11 @@ import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Final, Protocol, cast
+from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 from urllib.parse import urlsplit
 
-import httpx
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = ["Http11Wire", "HttpxWire", "Wire", "WireError", "WireResponse"]
 
@@ -127,6 +128,8 @@ class HttpxWire:
         body: bytes | None,
         timeout: float,
     ) -> WireResponse:
+        import httpx  # noqa: PLC0415 - loaded by whoever built the client; not at import
+
         try:
             response = await self._client.request(
                 method,
@@ -544,6 +547,8 @@ class _LazyHttpxWire:
     ) -> WireResponse:
         """One request, through the client built on the first."""
         if self._wire is None:
+            import httpx  # noqa: PLC0415 - ~20,000 objects; only a proxy setting needs it
+
             n = self._max_connections
             limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
             self._wire = HttpxWire(httpx.AsyncClient(limits=limits), owned=True)

@@ -37,9 +37,7 @@ import logging
 import time
 import uuid
 from collections.abc import Mapping
-from typing import Any, Final, Protocol
-
-import httpx
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from gpujobs._errors import (
     CapacityError,
@@ -57,6 +55,9 @@ from gpujobs._runner import BaseRunner
 from gpujobs.providers._machine_cost import CostBook, MachineCost
 from gpujobs.providers._machine_lifecycle import Lifecycle
 from gpujobs.providers._worker_api import NO_JOB_API, HeldJobs, WorkerApi, WorkerJob
+
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = ["Machine", "MachineCost", "MachineRunner"]
 

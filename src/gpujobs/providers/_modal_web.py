@@ -16,10 +16,8 @@ the same headers, for as long as the deadline allows; endpoints deployed with
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urljoin
-
-import httpx
 
 from gpujobs._errors import (
     GpuJobsError,
@@ -37,6 +35,9 @@ from gpujobs._polling import Deadline
 from gpujobs._retry import RetryPolicy, queue_job
 from gpujobs._wire import WireError, WireResponse, make_wire
 from gpujobs.providers._modal_calls import ModalCallState
+
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = ["WebTransport"]
 

@@ -13,9 +13,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-import httpx
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from gpujobs._errors import CapacityError, InvalidInputError, JobLostError, ProviderError
@@ -23,6 +22,9 @@ from gpujobs._http import auth_headers, error_for_response, error_for_wire, pars
 from gpujobs._polling import Deadline
 from gpujobs._retry import RetryPolicy, call_with_retries
 from gpujobs._wire import WireError, make_wire
+
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = ["NO_JOB_API", "HeldJobs", "WorkerApi", "WorkerJob"]
 

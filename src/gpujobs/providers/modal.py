@@ -36,9 +36,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
-from typing import Any, Final, Protocol
-
-import httpx
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from gpujobs._errors import ConfigurationError, GpuJobsError, InvalidInputError, ProviderError
 from gpujobs._models import Cost, Health, JobHandle, JobState, JobTimings
@@ -53,6 +51,9 @@ from gpujobs.providers._modal_calls import (
     modal_exceptions,
     sdk_error_for,
 )
+
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = ["ModalCallState", "ModalCalls", "ModalRunner", "ModalSdkCalls"]
 

@@ -19,9 +19,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from typing import Final
-
-import httpx
+from typing import TYPE_CHECKING, Final
 
 from gpujobs._errors import ConfigurationError
 from gpujobs._polling import Deadline, PollSchedule
@@ -33,6 +31,9 @@ from gpujobs.providers._runpod_pod_machine import (
     STARTING_POLL,
     RunPodPodMachine,
 )
+
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = ["RunPodPod", "RunPodPodMachine"]
 

@@ -25,10 +25,9 @@ import asyncio
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import anyio
-import httpx
 from pydantic import ValidationError
 
 from gpujobs._errors import (
@@ -57,6 +56,9 @@ from gpujobs.providers._runpod_jobs import (
     counters,
     worker_error,
 )
+
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = ["RunPodServerless"]
 

@@ -26,8 +26,7 @@ import re
 import secrets
 import uuid
 from collections.abc import Mapping
-
-import httpx
+from typing import TYPE_CHECKING
 
 from gpujobs._errors import ConfigurationError
 from gpujobs._polling import PollSchedule
@@ -36,6 +35,9 @@ from gpujobs.providers._machine import MachineRunner
 from gpujobs.providers._vast_api import VastApi
 from gpujobs.providers._vast_machine import VastMachine
 from gpujobs.providers._worker_api import WorkerApi
+
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = ["VastRunner"]
 
