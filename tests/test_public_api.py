@@ -93,6 +93,8 @@ os.environ = Watched(os.environ)
 import gpujobs
 assert not read, read
 heavy = {"runpod", "modal", "vastai", "torch", "diffusers", "starlette", "uvicorn", "aiohttp"}
+# httpx (with rich, pygments and click where installed) and tenacity load on first need.
+heavy |= {"httpx", "tenacity", "rich", "pygments", "click"}
 loaded = sorted(heavy & {m.split(".")[0] for m in sys.modules})
 assert not loaded, loaded
 print("ok")
