@@ -57,14 +57,15 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Final, Literal, Self, TextIO
+from typing import Any, Final, Literal, Self, TextIO, cast
 
-ClientName = Literal["gpujobs", "sdk"]
+ClientName = Literal["gpujobs", "sdk", "floor"]
 
-CLIENTS: Final[tuple[ClientName, ...]] = ("gpujobs", "sdk")
+CLIENTS: Final[tuple[ClientName, ...]] = ("gpujobs", "sdk", "floor")
 CLIENT_LABELS: Final[Mapping[str, str]] = {
     "gpujobs": "gpujobs `RunPodServerless`",
     "sdk": "runpod SDK `AsyncioEndpoint`",
+    "floor": "floor: bare asyncio long-poll (reference)",
 }
 FULL_SCENARIOS: Final = ("200x2s", "20x20s")
 QUICK_SCENARIOS: Final = ("20x0.5s", "5x2s")
@@ -342,7 +343,8 @@ def child_main(
     warm: bool,
 ) -> None:
     """Run one client through one workload and write a :class:`ChildReport` to ``json_out``."""
-    version, run = _load_gpujobs() if client == "gpujobs" else _load_sdk()
+    loaders = {"gpujobs": _load_gpujobs, "sdk": _load_sdk, "floor": _load_floor}
+    version, run = loaders[client]()
     payloads = workload.payloads()
     timeout = workload.job_timeout_s
     # CPU time, not wall time: the client mostly waits, and waiting is not what we profile.
@@ -379,6 +381,86 @@ def child_main(
         stats.sort_stats("tottime").print_stats(25)
         stats.sort_stats("cumulative").print_stats(40)
         profile_out.with_suffix(".txt").write_text(text.getvalue())
+
+
+class _FloorConnection(asyncio.Protocol):
+    """One keep-alive connection of the floor client: a response with a Content-Length at most."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.answer: asyncio.Future[bytes] | None = None
+        self._buffer = bytearray()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast("asyncio.Transport", transport)
+
+    def send(self, request: bytes) -> asyncio.Future[bytes]:
+        assert self.transport is not None  # noqa: S101
+        self._buffer.clear()
+        self.answer = asyncio.get_running_loop().create_future()
+        self.transport.write(request)
+        return self.answer
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        end = self._buffer.find(b"\r\n\r\n")
+        if end < 0 or self.answer is None or self.answer.done():
+            return
+        head = bytes(self._buffer[:end]).lower()
+        length = int(head.split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
+        if len(self._buffer) - end - 4 >= length:
+            self.answer.set_result(bytes(self._buffer[end + 4 : end + 4 + length]))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.answer is not None and not self.answer.done():
+            self.answer.set_exception(ConnectionError(f"connection lost: {exc}"))
+
+
+def _load_floor() -> tuple[str, ClientRun]:
+    """The floor: the least any asyncio client that hands each result over on arrival can do.
+
+    One held ``/runsync`` per job on a keep-alive connection of its own, the request built by
+    string formatting, the answer parsed by ``json.loads``; no retries, no timeouts, no error
+    handling, no models. Not a client to use: a yardstick for what the machine charges for
+    one long-poll per job (connection, wake-ups, task), which no client of that design avoids.
+    """
+
+    async def run(
+        port: int, payloads: list[dict[str, Any]], timeout: float, warm: bool
+    ) -> Measured:
+        loop = asyncio.get_running_loop()
+        idle: list[_FloorConnection] = []
+        head = (
+            f"POST /v2/{ENDPOINT_ID}/runsync?wait={min(300_000, math.ceil(timeout * 1000))} "
+            f"HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: {API_KEY}\r\n"
+            "Content-Type: application/json\r\nContent-Length: "
+        )
+
+        async def one(record: JobRecord, payload: dict[str, Any]) -> None:
+            if idle:
+                connection = idle.pop()
+            else:
+                _, connection = await loop.create_connection(_FloorConnection, "127.0.0.1", port)
+            body = json.dumps({"input": payload}).encode()
+            request = f"{head}{len(body)}\r\n\r\n".encode() + body
+            answer = await _timed(record, lambda: connection.send(request))
+            idle.append(connection)
+            if answer is not None:
+                job = json.loads(answer)
+                record.job_id = job.get("id")
+                _check_output(record, job.get("output"))
+
+        async def batch(records: list[JobRecord], batch_payloads: list[dict[str, Any]]) -> None:
+            await asyncio.gather(*(one(r, p) for r, p in zip(records, batch_payloads, strict=True)))
+
+        try:
+            return await _measured(port, payloads, warm, batch)
+        finally:
+            for connection in idle:
+                if connection.transport is not None:
+                    connection.transport.close()
+
+    return "-", run
 
 
 # -- parent: the emulator, the children, the table ---------------------------------------------
@@ -752,7 +834,7 @@ def _ratio(ours: float, theirs: float) -> float:
     return ours / theirs if theirs else math.inf
 
 
-def _targets(scenario: str, ours: Row, sdk: Row) -> list[str]:
+def _targets(scenario: str, ours: Row, sdk: Row, floor: Row | None) -> list[str]:
     """Ratio lines and PASS/MISS per target; a gpujobs run with failed jobs passes nothing."""
     clean = ours.errors == 0
     cpu = _ratio(ours.cpu_ms_per_job, sdk.cpu_ms_per_job)
@@ -775,6 +857,12 @@ def _targets(scenario: str, ours: Row, sdk: Row) -> list[str]:
             f"(target ≤ {TARGET_ADDED_P50_MS:g} ms): {_verdict(clean and p50_ok)}"
         ),
     ]
+    if floor is not None:
+        lines.append(
+            f"- reference: floor/SDK = {_ratio(floor.cpu_ms_per_job, sdk.cpu_ms_per_job):.2f}, "
+            f"gpujobs/floor = {_ratio(ours.cpu_ms_per_job, floor.cpu_ms_per_job):.2f} (the "
+            "floor is the least a client that hands each result over on arrival spends here)"
+        )
     if not clean:
         lines.append(f"- gpujobs had {ours.errors} failed jobs, so every target is a MISS")
     return [*lines, ""]
@@ -835,7 +923,9 @@ def render(
     for scenario in dict.fromkeys(row.scenario for row in rows):
         by_client = {row.client: row for row in rows if row.scenario == scenario}
         if "gpujobs" in by_client and "sdk" in by_client:
-            lines += _targets(scenario, by_client["gpujobs"], by_client["sdk"])
+            lines += _targets(
+                scenario, by_client["gpujobs"], by_client["sdk"], by_client.get("floor")
+            )
     lines += [f"## Requests by route (summed over {runs} run(s))", ""]
     for row in rows:
         routes = ", ".join(f"`{r}` {n}" for r, n in sorted(row.requests_by_route.items()))

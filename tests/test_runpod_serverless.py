@@ -292,3 +292,29 @@ async def test_health_reports_an_unreachable_endpoint_instead_of_raising() -> No
             health = await r.health()
     assert health.ok is False
     assert health.detail
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("answer", "message"),
+    [
+        (httpx.Response(200, text="<html>bad gateway</html>"), "not JSON: '<html>bad gateway"),
+        (httpx.Response(200, json={"status": "COMPLETED"}), "not a job"),
+        (httpx.Response(200, json=["job-1"]), "not a job"),
+    ],
+)
+async def test_an_answer_that_is_not_a_job_is_a_provider_error(
+    answer: httpx.Response, message: str
+) -> None:
+    with respx.mock:
+        respx.post(f"{BASE}/runsync").mock(return_value=answer)
+        async with runner() as r:
+            with pytest.raises(ProviderError, match=message) as info:
+                await r.run({"x": 1}, timeout=30)
+    assert info.value.provider == "runpod-serverless"
+    with respx.mock:
+        respx.get(f"{BASE}/status/job-1").mock(return_value=answer)
+        async with runner() as r:
+            with pytest.raises(ProviderError, match=message) as info:
+                await r.status(JobHandle(id="job-1", provider="runpod-serverless", submitted_at=0))
+    assert info.value.job_id == "job-1"

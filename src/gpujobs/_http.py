@@ -160,10 +160,14 @@ def error_for_wire(exc: WireError, *, provider: str, job_id: str | None = None) 
     )
 
 
+# One encoder for every body (json.dumps with options builds a new one per call).
+_COMPACT: Final = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
 def encode_json(payload: Any, *, provider: str) -> bytes:
     """A request body as compact JSON; :class:`InvalidInputError` for what JSON cannot hold."""
     try:
-        return json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
+        return _COMPACT.encode(payload).encode()
     except (TypeError, ValueError) as exc:
         msg = f"the payload is not JSON-serialisable: {exc}"
         raise InvalidInputError(msg, provider=provider) from None

@@ -24,7 +24,7 @@ from gpujobs._errors import (
     JobFailedError,
     JobTimeoutError,
 )
-from gpujobs._models import Cost, Health, JobHandle, JobResult, JobState, JobStatus
+from gpujobs._models import Cost, Health, JobHandle, JobResult, JobState, JobStatus, JobTimings
 from gpujobs._polling import Deadline, PollSchedule, poll_until_terminal
 
 __all__ = ["BaseRunner", "JobRunner"]
@@ -309,7 +309,13 @@ class BaseRunner(ABC):
     def _result(self, handle: JobHandle, state: JobState) -> JobResult:
         """Turn a terminal state into a result, or raise the error it stands for."""
         total_s = max(0.0, time.time() - handle.submitted_at)
-        timings = state.timings.model_copy(update={"total_s": total_s})
+        seen = state.timings
+        timings = JobTimings(
+            queue_s=seen.queue_s,
+            execution_s=seen.execution_s,
+            cold_start=seen.cold_start,
+            total_s=total_s,
+        )
         common: dict[str, Any] = {"provider": self.name, "job_id": handle.id}
         if state.status is JobStatus.COMPLETED:
             return JobResult(

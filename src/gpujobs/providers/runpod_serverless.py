@@ -180,7 +180,7 @@ class RunPodServerless(BaseRunner):
                 await asyncio.gather(*self._abandoned, return_exceptions=True)
         await self._wire.aclose()
 
-    async def _request(
+    async def _exchange(
         self,
         method: str,
         path: str,
@@ -189,8 +189,8 @@ class RunPodServerless(BaseRunner):
         content: bytes | None = None,
         timeout: float | None = None,
         on_abandoned: Callable[[asyncio.Future[WireResponse]], None] | None = None,
-    ) -> Any:
-        """One request, its errors translated; the JSON body of a 2xx answer."""
+    ) -> WireResponse:
+        """One request, its errors translated; the 2xx answer."""
         try:
             response = await self._wire.request(
                 method,
@@ -203,7 +203,7 @@ class RunPodServerless(BaseRunner):
         except WireError as exc:
             raise error_for_wire(exc, provider=self.name, job_id=job_id) from None
         if 200 <= response.status < 300:  # noqa: PLR2004
-            return parse_json(response, provider=self.name, job_id=job_id)
+            return response
         what = f"{method} {path.partition('?')[0]}"
         error = error_for_response(response, what=what, provider=self.name, job_id=job_id)
         if response.status == 404 and job_id is not None:  # noqa: PLR2004
@@ -215,10 +215,17 @@ class RunPodServerless(BaseRunner):
             ) from error
         raise error
 
-    def _parse_job(self, body: Any, *, job_id: str | None = None) -> RunPodJob:
+    async def _request(self, method: str, path: str, *, job_id: str | None = None) -> Any:
+        """One request without a body; the JSON of its 2xx answer."""
+        response = await self._exchange(method, path, job_id=job_id)
+        return parse_json(response, provider=self.name, job_id=job_id)
+
+    def _parse_job(self, response: WireResponse, *, job_id: str | None = None) -> RunPodJob:
+        # Straight from the bytes: pydantic's JSON parser, no json.loads and dict in between.
         try:
-            return RunPodJob.model_validate(body)
+            return RunPodJob.model_validate_json(response.body)
         except ValidationError:
+            parse_json(response, provider=self.name, job_id=job_id)  # raises if not JSON
             raise ProviderError(
                 "RunPod answered with something that is not a job",
                 provider=self.name,
@@ -227,13 +234,16 @@ class RunPodServerless(BaseRunner):
 
     # -- jobs ----------------------------------------------------------------------------------
 
-    def _body(self, payload: Mapping[str, Any], deadline: Deadline, max_bytes: int) -> bytes:
-        """The request body, refused here when the provider would refuse it anyway."""
+    def _body(self, payload: Mapping[str, Any], left: float | None, max_bytes: int) -> bytes:
+        """The request body, refused here when the provider would refuse it anyway.
+
+        ``left`` is the time to the caller's deadline (``None``: no deadline).
+        """
         policy: dict[str, Any] = {}
-        limits = [s for s in (self._execution_timeout_s, deadline.remaining()) if s is not None]
+        limits = [s for s in (self._execution_timeout_s, left) if s is not None]
         if limits:
             policy["executionTimeout"] = clamp_ms(min(limits), _EXECUTION_TIMEOUT_MS)
-        if (left := deadline.remaining()) is not None:
+        if left is not None:
             # A job still queued when its caller has given up is worth nothing: let it expire.
             policy["ttl"] = clamp_ms(left, _TTL_MS)
         if self._low_priority:
@@ -260,11 +270,11 @@ class RunPodServerless(BaseRunner):
         return await queue_job(request, policy=self._retry, deadline=deadline, provider=self.name)
 
     async def _submit(self, payload: Mapping[str, Any], deadline: Deadline) -> JobHandle:
-        body = self._body(payload, deadline, _RUN_MAX_BYTES)
+        body = self._body(payload, deadline.remaining(), _RUN_MAX_BYTES)
         submitted_at = time.time()
         timeout = deadline.cap(self._request_timeout_s)
         answer = await self._queue(
-            lambda: self._request("POST", "/run", content=body, timeout=timeout), deadline
+            lambda: self._exchange("POST", "/run", content=body, timeout=timeout), deadline
         )
         return self._handle(self._parse_job(answer), submitted_at)
 
@@ -274,19 +284,23 @@ class RunPodServerless(BaseRunner):
         # The held request must end before the deadline, so that a job still running then
         # comes back with its id (to cancel it): too little time left for the shortest wait
         # RunPod takes, and the job goes through /run instead.
-        wait_s = deadline.cap(self._runsync_wait_s + _RUNSYNC_MARGIN_S) - _RUNSYNC_MARGIN_S
+        left = deadline.remaining()
+        held_s = self._runsync_wait_s + _RUNSYNC_MARGIN_S
+        wait_s = (held_s if left is None else min(held_s, left)) - _RUNSYNC_MARGIN_S
         if self._long_polls >= self._max_long_polls or wait_s < _RUNSYNC_WAIT_MS[0] / 1000:
             return await self._submit(payload, deadline), None
-        body = self._body(payload, deadline, _RUNSYNC_MAX_BYTES)
+        body = self._body(payload, left, _RUNSYNC_MAX_BYTES)
         wait_ms = clamp_ms(wait_s, _RUNSYNC_WAIT_MS)
         # RunPod answers when the wait is over, before the deadline; the read timeout stops at
         # the deadline whatever the server does.
-        timeout = deadline.cap(wait_ms / 1000 + self._request_timeout_s)
+        timeout = wait_ms / 1000 + self._request_timeout_s
+        if left is not None:
+            timeout = min(timeout, left)
         submitted_at = time.time()
         self._long_polls += 1
         try:
             answer = await self._queue(
-                lambda: self._request(
+                lambda: self._exchange(
                     "POST",
                     f"/runsync?wait={wait_ms}",
                     content=body,
@@ -349,13 +363,13 @@ class RunPodServerless(BaseRunner):
         path = f"/status/{handle.id}"
         method = self._status_method
         try:
-            answer = await self._request(method, path, job_id=handle.id)
+            answer = await self._exchange(method, path, job_id=handle.id)
         except ProviderError as exc:
             if exc.status_code != 405 or method == "POST":  # noqa: PLR2004
                 raise
             # runpod's local test server takes only POST.
             self._status_method = "POST"
-            answer = await self._request("POST", path, job_id=handle.id)
+            answer = await self._exchange("POST", path, job_id=handle.id)
         return self._state(self._parse_job(answer, job_id=handle.id))
 
     async def status(self, handle: JobHandle) -> JobState:
