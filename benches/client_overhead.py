@@ -1,9 +1,10 @@
 """Client overhead: ``gpujobs.RunPodServerless`` against the runpod SDK's ``AsyncioEndpoint``.
 
-Both clients run the same jobs against the same RunPod Serverless API emulator
-(``python -m gpujobs.testing.runpod_emulator``), served on loopback in its own process. Each client
-runs in a fresh child process of this script (``--client gpujobs|sdk``), so its CPU time and peak
-RSS are its own: the emulator's work is not counted, nor is the other client's import footprint.
+Both clients, and a bare asyncio long-poll client as the floor reference, run the same jobs
+against the same RunPod Serverless API emulator (``python -m gpujobs.testing.runpod_emulator``),
+served on loopback in its own process. Each client runs in a fresh child process of this script
+(``--client gpujobs|sdk|floor``), so its CPU time and peak RSS are its own: the emulator's work is
+not counted, nor is another client's import footprint.
 
 Per client and scenario it reports:
 

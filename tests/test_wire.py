@@ -6,6 +6,7 @@ import asyncio
 import gzip
 import socket
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 
@@ -234,3 +235,89 @@ async def test_a_configured_proxy_means_httpx_built_on_first_use(
     await wire.aclose()
     monkeypatch.delenv("HTTP_PROXY")
     assert isinstance(make_wire(None, max_connections=4), Http11Wire)
+
+
+class HeldServer:
+    """Answers each request only when the test says so (or hangs up)."""
+
+    def __init__(self) -> None:
+        self.received = asyncio.Event()
+        self.reply: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
+        self.saw_eof = asyncio.Event()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        self.received.set()
+        waiting_for_eof = asyncio.ensure_future(reader.read())
+        either: set[asyncio.Future[Any]] = {waiting_for_eof, self.reply}
+        done, _ = await asyncio.wait(either, return_when="FIRST_COMPLETED")
+        if waiting_for_eof in done:
+            self.saw_eof.set()
+        elif (answer := self.reply.result()) is not None:
+            writer.write(answer)
+            await writer.drain()
+        waiting_for_eof.cancel()
+        writer.close()
+
+
+@pytest.fixture
+async def held() -> AsyncIterator[tuple[str, HeldServer]]:
+    raw = HeldServer()
+    server = await asyncio.start_server(raw.handle, "127.0.0.1", 0)
+    yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/held", raw
+    server.close()
+
+
+async def _abandon(wire: Http11Wire, url: str, raw: HeldServer) -> asyncio.Future[object]:
+    """Start a request with ``on_abandoned``, cancel its caller once the server holds it."""
+    handed: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+    caller = asyncio.ensure_future(
+        wire.request("POST", url, headers={}, body=b"{}", timeout=5, on_abandoned=handed.set_result)
+    )
+    await raw.received.wait()
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    return handed
+
+
+async def test_an_abandoned_request_hands_its_later_answer_over(
+    held: tuple[str, HeldServer],
+) -> None:
+    url, raw = held
+    wire = Http11Wire()
+    handed = await _abandon(wire, url, raw)
+    answer = await asyncio.wait_for(handed, 5)
+    assert isinstance(answer, asyncio.Future)
+    assert not answer.done()  # the caller left before the server answered
+    raw.reply.set_result(b'HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n{"id":"j1"}')
+    response = await asyncio.wait_for(answer, 5)
+    assert (response.status, response.body) == (200, b'{"id":"j1"}')
+    await wire.aclose()
+
+
+async def test_an_abandoned_request_whose_server_hangs_up_hands_over_an_error(
+    held: tuple[str, HeldServer],
+) -> None:
+    url, raw = held
+    wire = Http11Wire()
+    answer = await asyncio.wait_for(await _abandon(wire, url, raw), 5)
+    assert isinstance(answer, asyncio.Future)
+    raw.reply.set_result(None)
+    with pytest.raises(WireError, match="closed before a complete response"):
+        await asyncio.wait_for(answer, 5)
+    await wire.aclose()
+
+
+async def test_a_cancelled_request_without_a_taker_closes_its_connection(
+    held: tuple[str, HeldServer],
+) -> None:
+    url, raw = held
+    wire = Http11Wire()
+    caller = asyncio.ensure_future(wire.request("POST", url, headers={}, body=b"{}", timeout=5))
+    await raw.received.wait()
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    await asyncio.wait_for(raw.saw_eof.wait(), 5)
+    await wire.aclose()

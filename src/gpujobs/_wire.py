@@ -222,6 +222,17 @@ class _Connection(asyncio.Protocol):
         self.transport.write(request)
         return self._waiter
 
+    def answer_elsewhere(self) -> asyncio.Future[WireResponse]:
+        """A new future for the response in flight, whose first one was cancelled."""
+        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            self._try_complete()  # it may all be here already
+        except WireError as exc:
+            self._fail(exc)
+        if self.closed:
+            self.connection_lost(None)
+        return waiter
+
     def abort(self) -> None:
         self.closed = True
         if self.transport is not None:
@@ -369,14 +380,21 @@ class Http11Wire:
             left = max(0.0, timeout - (loop.time() - started))
             timer = loop.call_later(left, _expire, waiter)
             try:
-                response = await (waiter if on_abandoned is None else asyncio.shield(waiter))
+                response = await waiter
             except asyncio.CancelledError:
-                if on_abandoned is None or waiter.done():
-                    timer.cancel()
+                timer.cancel()
+                if on_abandoned is None:
                     connection.abort()
-                else:  # let the exchange end (within its timeout) and hand over the answer
+                    raise
+                if waiter.cancelled():
+                    # The caller gave up first (which cancelled the waiter): let the exchange
+                    # end, within its timeout, into a future of its own.
+                    waiter = connection.answer_elsewhere()
+                    timer = loop.call_at(timer.when(), _expire, waiter)
                     waiter.add_done_callback(partial(_end_abandoned, connection, timer))
-                    on_abandoned(waiter)
+                else:  # answered as the caller gave up: the answer is in hand
+                    connection.abort()
+                on_abandoned(waiter)
                 raise
             except BaseException:
                 # Failed mid-exchange: the connection's state is unknown.
