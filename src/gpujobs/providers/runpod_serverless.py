@@ -32,14 +32,12 @@ from pydantic import ValidationError
 
 from gpujobs._errors import (
     ConfigurationError,
-    InvalidInputError,
     JobLostError,
     JobTimeoutError,
     ProviderError,
 )
 from gpujobs._http import (
     auth_headers,
-    encode_json,
     error_for_response,
     error_for_wire,
     parse_json,
@@ -50,10 +48,14 @@ from gpujobs._retry import RetryPolicy, call_with_retries, queue_job
 from gpujobs._runner import BaseRunner
 from gpujobs._wire import WireError, WireResponse, make_wire
 from gpujobs.providers._runpod_jobs import (
+    RUN_MAX_BYTES,
+    RUNSYNC_MAX_BYTES,
     STATUSES,
     RunPodJob,
     clamp_ms,
     counters,
+    job_body,
+    parse_job,
     worker_error,
 )
 
@@ -63,16 +65,11 @@ if TYPE_CHECKING:
 __all__ = ["RunPodServerless"]
 
 _API: Final = "https://api.runpod.ai/v2"
-_MB: Final = 1024 * 1024
-_RUN_MAX_BYTES: Final = 10 * _MB
-_RUNSYNC_MAX_BYTES: Final = 20 * _MB
 _RUNSYNC_WAIT_MS: Final = (1_000, 300_000)
 #: A held /runsync answers this long before the caller's deadline at the latest.
 _RUNSYNC_MARGIN_S: Final = 0.5
 #: How long closing waits for cancels of abandoned jobs still going out.
 _CLOSE_GRACE_S: Final = 10.0
-_EXECUTION_TIMEOUT_MS: Final = (5_000, 7 * 24 * 3_600_000)
-_TTL_MS: Final = (10_000, 7 * 24 * 3_600_000)
 #: The provider's RunPod caps concurrent /runsync and /status requests per endpoint at 400.
 _MAX_CONNECTIONS: Final = 400
 
@@ -220,47 +217,18 @@ class RunPodServerless(BaseRunner):
         response = await self._exchange(method, path, job_id=job_id)
         return parse_json(response, provider=self.name, job_id=job_id)
 
-    def _parse_job(self, response: WireResponse, *, job_id: str | None = None) -> RunPodJob:
-        # Straight from the bytes: pydantic's JSON parser, no json.loads and dict in between.
-        try:
-            return RunPodJob.model_validate_json(response.body)
-        except ValidationError:
-            parse_json(response, provider=self.name, job_id=job_id)  # raises if not JSON
-            raise ProviderError(
-                "RunPod answered with something that is not a job",
-                provider=self.name,
-                job_id=job_id,
-            ) from None
-
     # -- jobs ----------------------------------------------------------------------------------
 
-    def _body(self, payload: Mapping[str, Any], left: float | None, max_bytes: int) -> bytes:
-        """The request body, refused here when the provider would refuse it anyway.
-
-        ``left`` is the time to the caller's deadline (``None``: no deadline).
-        """
-        policy: dict[str, Any] = {}
-        limits = [s for s in (self._execution_timeout_s, left) if s is not None]
-        if limits:
-            policy["executionTimeout"] = clamp_ms(min(limits), _EXECUTION_TIMEOUT_MS)
-        if left is not None:
-            # A job still queued when its caller has given up is worth nothing: let it expire.
-            policy["ttl"] = clamp_ms(left, _TTL_MS)
-        if self._low_priority:
-            policy["lowPriority"] = True
-        request: dict[str, Any] = {"input": dict(payload)}
-        if policy:
-            request["policy"] = policy
-        if self._webhook:
-            request["webhook"] = self._webhook
-        body = encode_json(request, provider=self.name)
-        if len(body) > max_bytes:
-            raise InvalidInputError(
-                f"the payload is {len(body) / _MB:.1f} MB; this route takes at most "
-                f"{max_bytes / _MB:.0f} MB (send large inputs by URL or network volume)",
-                provider=self.name,
-            )
-        return body
+    def _body(self, payload: Mapping[str, Any], left_s: float | None, max_bytes: int) -> bytes:
+        return job_body(
+            payload,
+            left_s=left_s,
+            execution_timeout_s=self._execution_timeout_s,
+            low_priority=self._low_priority,
+            webhook=self._webhook,
+            max_bytes=max_bytes,
+            provider=self.name,
+        )
 
     def _handle(self, job: RunPodJob, submitted_at: float) -> JobHandle:
         return JobHandle(id=job.id, provider=self.name, submitted_at=submitted_at)
@@ -270,13 +238,13 @@ class RunPodServerless(BaseRunner):
         return await queue_job(request, policy=self._retry, deadline=deadline, provider=self.name)
 
     async def _submit(self, payload: Mapping[str, Any], deadline: Deadline) -> JobHandle:
-        body = self._body(payload, deadline.remaining(), _RUN_MAX_BYTES)
+        body = self._body(payload, deadline.remaining(), RUN_MAX_BYTES)
         submitted_at = time.time()
         timeout = deadline.cap(self._request_timeout_s)
         answer = await self._queue(
             lambda: self._exchange("POST", "/run", content=body, timeout=timeout), deadline
         )
-        return self._handle(self._parse_job(answer), submitted_at)
+        return self._handle(parse_job(answer, provider=self.name), submitted_at)
 
     async def _start(
         self, payload: Mapping[str, Any], deadline: Deadline
@@ -289,7 +257,7 @@ class RunPodServerless(BaseRunner):
         wait_s = (held_s if left is None else min(held_s, left)) - _RUNSYNC_MARGIN_S
         if self._long_polls >= self._max_long_polls or wait_s < _RUNSYNC_WAIT_MS[0] / 1000:
             return await self._submit(payload, deadline), None
-        body = self._body(payload, left, _RUNSYNC_MAX_BYTES)
+        body = self._body(payload, left, RUNSYNC_MAX_BYTES)
         wait_ms = clamp_ms(wait_s, _RUNSYNC_WAIT_MS)
         # RunPod answers when the wait is over, before the deadline; the read timeout stops at
         # the deadline whatever the server does.
@@ -311,7 +279,7 @@ class RunPodServerless(BaseRunner):
             )
         finally:
             self._long_polls -= 1
-        job = self._parse_job(answer)
+        job = parse_job(answer, provider=self.name)
         return self._handle(job, submitted_at), self._state(job)
 
     def _cancel_abandoned(self, answer: asyncio.Future[WireResponse]) -> None:
@@ -370,7 +338,7 @@ class RunPodServerless(BaseRunner):
             # runpod's local test server takes only POST.
             self._status_method = "POST"
             answer = await self._exchange("POST", path, job_id=handle.id)
-        return self._state(self._parse_job(answer, job_id=handle.id))
+        return self._state(parse_job(answer, provider=self.name, job_id=handle.id))
 
     async def status(self, handle: JobHandle) -> JobState:
         """One look at ``/status``, retried within the retry policy."""
