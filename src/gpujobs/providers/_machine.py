@@ -37,7 +37,7 @@ import logging
 import time
 import uuid
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final
 
 from gpujobs._errors import (
     CapacityError,
@@ -53,8 +53,14 @@ from gpujobs._polling import Deadline, PollSchedule, poll_until_terminal
 from gpujobs._retry import RetryPolicy
 from gpujobs._runner import BaseRunner
 from gpujobs.providers._machine_cost import CostBook, MachineCost
-from gpujobs.providers._machine_lifecycle import Lifecycle
-from gpujobs.providers._worker_api import NO_JOB_API, HeldJobs, WorkerApi, WorkerJob
+from gpujobs.providers._machine_lifecycle import Lifecycle, Machine
+from gpujobs.providers._worker_api import (
+    NO_JOB_API,
+    WORKER_STATUSES,
+    HeldJobs,
+    WorkerApi,
+    WorkerJob,
+)
 
 if TYPE_CHECKING:
     import httpx
@@ -64,54 +70,8 @@ __all__ = ["Machine", "MachineCost", "MachineRunner"]
 _log = logging.getLogger("gpujobs")
 
 
-class Machine(Protocol):
-    """A machine we rent that runs the worker's pod server (DESIGN.md, worker contract).
-
-    ``MachineRunner`` never calls ``ready`` twice at once, nor ``ready`` and ``release`` at once,
-    but an implementation may be shared: keep its own lock.
-    """
-
-    #: The pod id / the instance label, for errors and logs.
-    name: str
-    # An implementation may also set ``always_on = True``: a worker this runner never starts
-    # (its jobs are never flagged as cold starts).
-
-    async def ready(self, deadline: Deadline) -> str:
-        """Start / resume / rent as needed, wait until ``GET /health`` says ready; the base URL.
-
-        Concurrent callers share one start: never two resumes or rentals at once. Raises
-        :class:`ProviderUnavailableError` (or another :class:`ProviderError`) when the machine
-        cannot be made ready by ``deadline``.
-        """
-        ...
-
-    async def check(self) -> bool:
-        """Is the machine still alive (provider's view)? Used after a connection error mid-job."""
-        ...
-
-    async def release(self) -> None:
-        """Stop (pod) or destroy (instance). Idempotent."""
-        ...
-
-    def hourly_usd(self) -> float | None:
-        """The provider's current price in USD per hour, ``None`` if unknown."""
-        ...
-
-    def uptime_s(self) -> float:
-        """Billed seconds of the current run so far (0 when never started)."""
-        ...
-
-
 #: What a proxy in front of the worker answers to a request held too long (Cloudflare: 524).
 _PROXY_TIMEOUT: Final = 524
-_STATUSES: Final = {
-    "QUEUED": JobStatus.QUEUED,
-    "RUNNING": JobStatus.RUNNING,
-    "COMPLETED": JobStatus.COMPLETED,
-    "FAILED": JobStatus.FAILED,
-    "CANCELLED": JobStatus.CANCELLED,
-    "TIMED_OUT": JobStatus.TIMED_OUT,
-}
 
 
 class _MachineGoneError(ProviderUnavailableError):
@@ -342,7 +302,7 @@ class MachineRunner(BaseRunner):
         return url
 
     def _state(self, job: WorkerJob) -> JobState:
-        status = _STATUSES.get(job.status, JobStatus.RUNNING)
+        status = WORKER_STATUSES.get(job.status, JobStatus.RUNNING)
         timings = job.timings or {}
         tracked = self._jobs.get(job.id)
         if status.is_terminal and tracked is not None:

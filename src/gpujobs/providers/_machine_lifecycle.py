@@ -1,7 +1,8 @@
 """How a rented machine comes and goes under ``MachineRunner``.
 
-One start shared by every caller, releases that never overlap a start, and release after a spell
-with no job in flight.
+:class:`Machine` is what a provider implements; :class:`Lifecycle` drives it: one start shared by
+every caller, releases that never overlap a start, and release after a spell with no job in
+flight.
 """
 
 from __future__ import annotations
@@ -10,19 +11,54 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import anyio
 
 from gpujobs._errors import GpuJobsError
 from gpujobs._polling import Deadline
 
-if TYPE_CHECKING:
-    from gpujobs.providers._machine import Machine
-
-__all__ = ["Lifecycle"]
+__all__ = ["Lifecycle", "Machine"]
 
 _log = logging.getLogger("gpujobs")
+
+
+class Machine(Protocol):
+    """A machine we rent that runs the worker's pod server (DESIGN.md, worker contract).
+
+    ``MachineRunner`` never calls ``ready`` twice at once, nor ``ready`` and ``release`` at once,
+    but an implementation may be shared: keep its own lock.
+    """
+
+    #: The pod id / the instance label, for errors and logs.
+    name: str
+    # An implementation may also set ``always_on = True``: a worker this runner never starts
+    # (its jobs are never flagged as cold starts).
+
+    async def ready(self, deadline: Deadline) -> str:
+        """Start / resume / rent as needed, wait until ``GET /health`` says ready; the base URL.
+
+        Concurrent callers share one start: never two resumes or rentals at once. Raises
+        :class:`ProviderUnavailableError` (or another :class:`ProviderError`) when the machine
+        cannot be made ready by ``deadline``.
+        """
+        ...
+
+    async def check(self) -> bool:
+        """Is the machine still alive (provider's view)? Used after a connection error mid-job."""
+        ...
+
+    async def release(self) -> None:
+        """Stop (pod) or destroy (instance). Idempotent."""
+        ...
+
+    def hourly_usd(self) -> float | None:
+        """The provider's current price in USD per hour, ``None`` if unknown."""
+        ...
+
+    def uptime_s(self) -> float:
+        """Billed seconds of the current run so far (0 when never started)."""
+        ...
 
 
 class Lifecycle:

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from gpujobs._errors import CapacityError, InvalidInputError, JobLostError, ProviderError
 from gpujobs._http import auth_headers, error_for_response, error_for_wire, parse_json
+from gpujobs._models import JobStatus
 from gpujobs._polling import Deadline
 from gpujobs._retry import RetryPolicy, call_with_retries
 from gpujobs._wire import WireError, make_wire
@@ -26,8 +27,17 @@ from gpujobs._wire import WireError, make_wire
 if TYPE_CHECKING:
     import httpx
 
-__all__ = ["NO_JOB_API", "HeldJobs", "WorkerApi", "WorkerJob"]
+__all__ = ["NO_JOB_API", "WORKER_STATUSES", "HeldJobs", "WorkerApi", "WorkerJob"]
 
+#: The worker's job statuses (``GET /jobs/{id}``) as gpujobs' own.
+WORKER_STATUSES: Final = {
+    "QUEUED": JobStatus.QUEUED,
+    "RUNNING": JobStatus.RUNNING,
+    "COMPLETED": JobStatus.COMPLETED,
+    "FAILED": JobStatus.FAILED,
+    "CANCELLED": JobStatus.CANCELLED,
+    "TIMED_OUT": JobStatus.TIMED_OUT,
+}
 #: What ``POST /jobs`` answers on a server without the job API.
 NO_JOB_API: Final = frozenset({404, 405})
 #: A held ``POST /inference`` is allowed this long when the caller gave no deadline.
