@@ -149,6 +149,11 @@ async def test_runs_on_uvloop() -> None:
     assert [r.output for r in results] == [0, 1, 2, 3]
 
 
+@pytest.mark.parametrize(
+    "anyio_backend",
+    [("asyncio", {}), ("asyncio", {"use_uvloop": True})],
+    ids=["asyncio", "uvloop"],
+)
 @pytest.mark.parametrize("through_httpx", [False, True], ids=["lean-wire", "httpx"])
 async def test_a_caller_abandoning_a_held_request_still_cancels_the_job(
     through_httpx: bool,
