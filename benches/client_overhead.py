@@ -408,13 +408,46 @@ class _FloorConnection(asyncio.Protocol):
         if end < 0 or self.answer is None or self.answer.done():
             return
         head = bytes(self._buffer[:end]).lower()
-        length = int(head.split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
+        _, found, rest = head.partition(b"content-length:")
+        if not found:  # the emulator always sends one; anything else is an error to count
+            self.answer.set_exception(ValueError("an answer without Content-Length"))
+            return
+        length = int(rest.split(b"\r\n", 1)[0])
         if len(self._buffer) - end - 4 >= length:
             self.answer.set_result(bytes(self._buffer[end + 4 : end + 4 + length]))
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.answer is not None and not self.answer.done():
             self.answer.set_exception(ConnectionError(f"connection lost: {exc}"))
+
+
+class _FloorClient:
+    """Keep-alive connections to the emulator, one request in flight on each."""
+
+    def __init__(self, port: int) -> None:
+        self._port = port
+        self._idle: list[_FloorConnection] = []
+
+    async def _connect(self) -> _FloorConnection:
+        while self._idle:  # the server closes idle keep-alive connections after a while
+            connection = self._idle.pop()
+            if connection.transport is not None and not connection.transport.is_closing():
+                return connection
+        loop = asyncio.get_running_loop()
+        _, connection = await loop.create_connection(_FloorConnection, "127.0.0.1", self._port)
+        return connection
+
+    async def exchange(self, request: bytes) -> Any:
+        """Send one request; the JSON of its answer."""
+        connection = await self._connect()
+        answer = await connection.send(request)
+        self._idle.append(connection)
+        return json.loads(answer)
+
+    def close(self) -> None:
+        for connection in self._idle:
+            if connection.transport is not None:
+                connection.transport.close()
 
 
 def _load_floor() -> tuple[str, ClientRun]:
@@ -429,8 +462,7 @@ def _load_floor() -> tuple[str, ClientRun]:
     async def run(
         port: int, payloads: list[dict[str, Any]], timeout: float, warm: bool
     ) -> Measured:
-        loop = asyncio.get_running_loop()
-        idle: list[_FloorConnection] = []
+        client = _FloorClient(port)
         head = (
             f"POST /v2/{ENDPOINT_ID}/runsync?wait={min(300_000, math.ceil(timeout * 1000))} "
             f"HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: {API_KEY}\r\n"
@@ -438,18 +470,14 @@ def _load_floor() -> tuple[str, ClientRun]:
         )
 
         async def one(record: JobRecord, payload: dict[str, Any]) -> None:
-            if idle:
-                connection = idle.pop()
-            else:
-                _, connection = await loop.create_connection(_FloorConnection, "127.0.0.1", port)
             body = json.dumps({"input": payload}).encode()
             request = f"{head}{len(body)}\r\n\r\n".encode() + body
-            answer = await _timed(record, lambda: connection.send(request))
-            idle.append(connection)
-            if answer is not None:
-                job = json.loads(answer)
+            job = await _timed(record, lambda: client.exchange(request))
+            if isinstance(job, Mapping):
                 record.job_id = job.get("id")
                 _check_output(record, job.get("output"))
+            elif record.error is None:
+                record.error = f"not a job: {job!r:.80}"
 
         async def batch(records: list[JobRecord], batch_payloads: list[dict[str, Any]]) -> None:
             await asyncio.gather(*(one(r, p) for r, p in zip(records, batch_payloads, strict=True)))
@@ -457,9 +485,7 @@ def _load_floor() -> tuple[str, ClientRun]:
         try:
             return await _measured(port, payloads, warm, batch)
         finally:
-            for connection in idle:
-                if connection.transport is not None:
-                    connection.transport.close()
+            client.close()
 
     return "-", run
 
@@ -858,7 +884,9 @@ def _targets(scenario: str, ours: Row, sdk: Row, floor: Row | None) -> list[str]
             f"(target ≤ {TARGET_ADDED_P50_MS:g} ms): {_verdict(clean and p50_ok)}"
         ),
     ]
-    if floor is not None:
+    if floor is not None and floor.errors:
+        lines.append(f"- reference: the floor had {floor.errors} failed jobs; no floor ratios")
+    elif floor is not None:
         lines.append(
             f"- reference: floor/SDK = {_ratio(floor.cpu_ms_per_job, sdk.cpu_ms_per_job):.2f}, "
             f"gpujobs/floor = {_ratio(ours.cpu_ms_per_job, floor.cpu_ms_per_job):.2f} (the "

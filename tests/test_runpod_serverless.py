@@ -318,3 +318,12 @@ async def test_an_answer_that_is_not_a_job_is_a_provider_error(
             with pytest.raises(ProviderError, match=message) as info:
                 await r.status(JobHandle(id="job-1", provider="runpod-serverless", submitted_at=0))
     assert info.value.job_id == "job-1"
+
+
+@pytest.mark.anyio
+async def test_a_job_behind_a_byte_order_mark_is_read() -> None:
+    body = "\ufeff" + json.dumps(job("COMPLETED", output={"layers": 2}))
+    with respx.mock:
+        respx.post(f"{BASE}/runsync").respond(content=body.encode())
+        async with runner() as r:
+            assert (await r.run({"x": 1}, timeout=30)).output == {"layers": 2}

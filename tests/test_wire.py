@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from gpujobs._wire import Http11Wire, HttpxWire, WireError, make_wire
+from gpujobs._wire import Http11Wire, HttpxWire, WireError, _Connection, make_wire
 
 Answer = Callable[[bytes], bytes | None]  # request bytes -> raw response (None: hang up)
 
@@ -321,3 +321,30 @@ async def test_a_cancelled_request_without_a_taker_closes_its_connection(
         await caller
     await asyncio.wait_for(raw.saw_eof.wait(), 5)
     await wire.aclose()
+
+
+class _Transport:
+    """Enough of a transport for a connection driven by hand."""
+
+    def __init__(self) -> None:
+        self.written = b""
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def abort(self) -> None:
+        pass
+
+
+async def test_an_answer_ended_by_the_close_while_its_caller_gives_up_is_handed_over() -> None:
+    # Within one loop pass: the caller is cancelled (which cancels its waiter), then a body
+    # delimited by the end of the connection arrives and the connection closes.
+    connection = _Connection()
+    connection.connection_made(_Transport())  # type: ignore[arg-type]
+    first = connection.send(b"POST /runsync HTTP/1.1\r\n\r\n")
+    first.cancel()
+    connection.data_received(b'HTTP/1.1 200 OK\r\n\r\n{"id":"j","status":"IN_PROGRESS"}')
+    connection.eof_received()
+    connection.connection_lost(None)
+    answer = connection.answer_elsewhere()
+    assert answer.result().body == b'{"id":"j","status":"IN_PROGRESS"}'

@@ -196,6 +196,10 @@ class _Connection(asyncio.Protocol):
                 self._fail(exc)
 
     def eof_received(self) -> bool:
+        self._finish_at_eof()
+        return False
+
+    def _finish_at_eof(self) -> None:
         # A body delimited by the end of the connection ends here.
         if self._waiter is not None and not self._waiter.done() and self._head is not None:
             status, reason, headers, end = self._head
@@ -203,7 +207,6 @@ class _Connection(asyncio.Protocol):
                 "transfer-encoding", ""
             ):
                 self._finish(status, reason, headers, bytes(self._buffer[end:]))
-        return False
 
     def connection_lost(self, exc: Exception | None) -> None:  # noqa: ARG002 - the why is moot
         self.closed = True
@@ -229,7 +232,8 @@ class _Connection(asyncio.Protocol):
             self._try_complete()  # it may all be here already
         except WireError as exc:
             self._fail(exc)
-        if self.closed:
+        if self.closed:  # and maybe ended by the close, unseen while nobody waited
+            self._finish_at_eof()
             self.connection_lost(None)
         return waiter
 

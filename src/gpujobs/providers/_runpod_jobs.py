@@ -106,7 +106,11 @@ def parse_job(response: WireResponse, *, provider: str, job_id: str | None = Non
     try:
         return RunPodJob.model_validate_json(response.body)
     except ValidationError:
-        parse_json(response, provider=provider, job_id=job_id)  # raises if not JSON
+        pass
+    # What pydantic's parser refuses and json's takes (a byte-order mark, UTF-16), or garbage.
+    try:
+        return RunPodJob.model_validate(parse_json(response, provider=provider, job_id=job_id))
+    except ValidationError:
         raise ProviderError(
             "RunPod answered with something that is not a job", provider=provider, job_id=job_id
         ) from None

@@ -260,10 +260,8 @@ class RunPodServerless(BaseRunner):
         body = self._body(payload, left, RUNSYNC_MAX_BYTES)
         wait_ms = clamp_ms(wait_s, _RUNSYNC_WAIT_MS)
         # RunPod answers when the wait is over, before the deadline; the read timeout stops at
-        # the deadline whatever the server does.
-        timeout = wait_ms / 1000 + self._request_timeout_s
-        if left is not None:
-            timeout = min(timeout, left)
+        # the deadline whatever the server does (read after encoding: a large body takes time).
+        timeout = deadline.cap(wait_ms / 1000 + self._request_timeout_s)
         submitted_at = time.time()
         self._long_polls += 1
         try:
