@@ -118,7 +118,8 @@ TINY_VAE: dict[str, Any] = {
     "latents_mean": [0.0] * 8,
     "latents_std": [1.0] * 8,
 }
-# The Qwen-Image family's scheduler/scheduler_config.json.
+# The Qwen-Image family's scheduler/scheduler_config.json. gpujobs.worker.tiny holds the same
+# published file; this script stays standalone (the GPU machine runs it with wheels alone).
 SCHEDULER: dict[str, Any] = {
     "base_image_seq_len": 256,
     "base_shift": 0.5,
