@@ -56,10 +56,10 @@ from gpujobs.providers._machine_cost import CostBook, MachineCost
 from gpujobs.providers._machine_lifecycle import Lifecycle, Machine
 from gpujobs.providers._worker_api import (
     NO_JOB_API,
-    WORKER_STATUSES,
     HeldJobs,
     WorkerApi,
     WorkerJob,
+    worker_status,
 )
 
 if TYPE_CHECKING:
@@ -302,7 +302,7 @@ class MachineRunner(BaseRunner):
         return url
 
     def _state(self, job: WorkerJob) -> JobState:
-        status = WORKER_STATUSES.get(job.status, JobStatus.RUNNING)
+        status = worker_status(job.status)
         timings = job.timings or {}
         tracked = self._jobs.get(job.id)
         if status.is_terminal and tracked is not None:

@@ -24,6 +24,7 @@ from gpujobs._errors import (
 )
 from gpujobs._http import Secret
 from gpujobs._models import JobStatus
+from gpujobs.providers._worker_api import worker_status
 
 __all__ = [
     "ENVELOPE_KEY",
@@ -120,10 +121,7 @@ class ModalCallState:
         """Read a job record tolerantly; ``ValueError`` when it is not one."""
         if not isinstance(record, Mapping):
             raise ValueError("a job record is a JSON object")  # noqa: TRY004 - a parse error
-        try:
-            status = JobStatus(str(record.get("status")))
-        except ValueError:
-            status = JobStatus.RUNNING  # an unknown status is not terminal
+        status = worker_status(record.get("status"))
         timings = record.get("timings")
         timings = timings if isinstance(timings, Mapping) else {}
         cold = timings.get("cold_start")

@@ -27,17 +27,8 @@ from gpujobs._wire import WireError, make_wire
 if TYPE_CHECKING:
     import httpx
 
-__all__ = ["NO_JOB_API", "WORKER_STATUSES", "HeldJobs", "WorkerApi", "WorkerJob"]
+__all__ = ["NO_JOB_API", "HeldJobs", "WorkerApi", "WorkerJob", "worker_status"]
 
-#: The worker's job statuses (``GET /jobs/{id}``) as gpujobs' own.
-WORKER_STATUSES: Final = {
-    "QUEUED": JobStatus.QUEUED,
-    "RUNNING": JobStatus.RUNNING,
-    "COMPLETED": JobStatus.COMPLETED,
-    "FAILED": JobStatus.FAILED,
-    "CANCELLED": JobStatus.CANCELLED,
-    "TIMED_OUT": JobStatus.TIMED_OUT,
-}
 #: What ``POST /jobs`` answers on a server without the job API.
 NO_JOB_API: Final = frozenset({404, 405})
 #: A held ``POST /inference`` is allowed this long when the caller gave no deadline.
@@ -257,3 +248,14 @@ class HeldJobs:
         """Stop waiting for every job."""
         for task in self._tasks.values():
             task.cancel()
+
+
+def worker_status(word: Any) -> JobStatus:
+    """The worker's word for a job's status (``GET /jobs/{id}``, Modal's job records).
+
+    The worker speaks :class:`JobStatus`'s own words; one it invents later counts as running.
+    """
+    try:
+        return JobStatus(str(word))
+    except ValueError:
+        return JobStatus.RUNNING
